@@ -1,0 +1,368 @@
+"""Recipes: YAML files (+ ``key=value`` overrides) -> a validated, typed :class:`Recipe`.
+
+The schema is a tree of dataclasses read through OmegaConf structured configs, which
+converts and type-checks values. Everything is checked here, before any model is
+loaded, and every error names the dotted key and where it was set (``file:line`` or
+the command-line override). Every key, its default and meaning: docs/recipe.md.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+from dataclasses import dataclass, field
+from functools import reduce
+from pathlib import Path
+from typing import Any, Callable, Iterator, Optional, Sequence
+
+import yaml
+from omegaconf import MISSING, OmegaConf
+from omegaconf.errors import MissingMandatoryValue, OmegaConfBaseException
+
+
+class RecipeError(ValueError):
+    """A recipe that cannot be used; the message says which key and where."""
+
+
+@dataclass
+class ModelSection:
+    """model: the base model and how it computes."""
+
+    name_or_path: str = "smollm2"
+    gguf_file: Optional[str] = None
+    compute_dtype: str = "auto"
+    attn_implementation: str = "sdpa"
+
+
+@dataclass
+class QuantizationSection:
+    """quantization: how the frozen base weights are stored."""
+
+    quant_type: str = "nf4"
+    double_quant: bool = True
+    blocksize: int = 64
+    kernel: str = "auto"
+
+
+@dataclass
+class LoraSection:
+    """lora: the trained adapters."""
+
+    r: int = 16
+    alpha: int = 32
+    dropout: float = 0.0
+    # "all-linear" or a list of module names: OmegaConf has no Union, so Any + _validate.
+    target_modules: Any = "all-linear"
+    use_rslora: bool = False
+
+
+@dataclass
+class QATSection:
+    """qat: optional quantization-aware training (fake-quant of the weights)."""
+
+    enabled: bool = False
+    format: str = "int"
+    bits: int = 4
+    group_size: int = 128
+    symmetric: bool = True
+    start_step: int = 0
+    activation_bits: Optional[int] = None
+
+
+@dataclass
+class DataSection:
+    """data: where the examples come from and how they become tokens."""
+
+    train: str = MISSING
+    validation: Optional[str] = None
+    validation_split: float = 0.0
+    test: Optional[str] = None
+    format: str = "auto"
+    split: str = "train"
+    max_seq_len: int = 1024
+    packing: bool = False
+    train_on_prompt: bool = False
+    on_bad_row: str = "error"
+    system_prompt: Optional[str] = None
+
+
+@dataclass
+class TrainingSection:
+    """training: optimizer, schedule, steps, checkpoints."""
+
+    epochs: float = 1.0
+    max_steps: int = -1
+    batch_size: int = 4
+    gradient_accumulation_steps: int = 1
+    learning_rate: float = 2.0e-4
+    lr_scheduler: str = "cosine"
+    warmup_ratio: float = 0.03
+    weight_decay: float = 0.0
+    max_grad_norm: float = 0.3
+    optimizer: str = "paged_adamw_8bit"
+    gradient_checkpointing: bool = True
+    seed: int = 42
+    logging_steps: int = 10
+    eval_steps: Optional[int] = None
+    save_steps: int = 100
+    save_total_limit: int = 3
+    resume: bool = False
+
+
+@dataclass
+class EvalSection:
+    """eval: generation on the test split."""
+
+    max_new_tokens: int = 64
+    max_test_examples: Optional[int] = None
+
+
+@dataclass
+class OutputSection:
+    """output: where the run writes."""
+
+    dir: str = "outputs/run"
+    overwrite: bool = False
+    report_to: str = "tensorboard"
+
+
+@dataclass
+class Recipe:
+    """A whole recipe. ``extends`` is always None once loaded: the chain is merged in."""
+
+    extends: Optional[str] = None
+    model: ModelSection = field(default_factory=ModelSection)
+    quantization: QuantizationSection = field(default_factory=QuantizationSection)
+    lora: LoraSection = field(default_factory=LoraSection)
+    qat: QATSection = field(default_factory=QATSection)
+    data: DataSection = field(default_factory=DataSection)
+    training: TrainingSection = field(default_factory=TrainingSection)
+    eval: EvalSection = field(default_factory=EvalSection)
+    output: OutputSection = field(default_factory=OutputSection)
+
+
+# The tree of valid keys, for unknown-key checks and suggestions.
+_DEFAULTS = dataclasses.asdict(Recipe())
+
+_CHOICES: dict[str, tuple] = {
+    "model.compute_dtype": ("auto", "bfloat16", "float16", "float32"),
+    "model.attn_implementation": ("sdpa", "eager", "flash_attention_2"),
+    "quantization.quant_type": ("nf4",),
+    "quantization.blocksize": (64,),  # the NF4 kernels and the bitsandbytes format assume 64
+    "quantization.kernel": ("auto", "triton", "torch"),
+    "qat.format": ("int", "nf4"),
+    "qat.activation_bits": (None, 8),
+    "data.format": ("auto", "messages", "prompt_completion", "alpaca", "text"),
+    "data.on_bad_row": ("error", "skip"),
+    # Schedulers of transformers that need no extra arguments.
+    "training.lr_scheduler": ("linear", "cosine", "cosine_with_restarts", "polynomial",
+                              "constant", "constant_with_warmup", "inverse_sqrt"),
+    "training.optimizer": ("paged_adamw_8bit", "paged_adamw_32bit", "adamw_8bit", "adamw"),
+    "output.report_to": ("tensorboard", "none"),
+}
+
+# Range checks, as (test, what the message says is expected).
+_POSITIVE = (lambda v: v > 0, "> 0")
+_POSITIVE_OR_NULL = (lambda v: v is None or v > 0, "null or > 0")
+_FRACTION = (lambda v: 0 <= v < 1, "in [0, 1)")
+_NON_NEGATIVE = (lambda v: v >= 0, ">= 0")
+_RANGES: dict[str, tuple[Callable[[Any], bool], str]] = {
+    **dict.fromkeys(("lora.r", "lora.alpha", "qat.group_size", "data.max_seq_len",
+                     "training.epochs", "training.batch_size",
+                     "training.gradient_accumulation_steps", "training.learning_rate",
+                     "training.logging_steps", "training.save_steps",
+                     "training.save_total_limit", "eval.max_new_tokens"), _POSITIVE),
+    **dict.fromkeys(("training.eval_steps", "eval.max_test_examples"), _POSITIVE_OR_NULL),
+    **dict.fromkeys(("lora.dropout", "data.validation_split", "training.warmup_ratio"), _FRACTION),
+    **dict.fromkeys(("qat.start_step", "training.weight_decay"), _NON_NEGATIVE),
+    "training.max_grad_norm": (lambda v: v >= 0, ">= 0 (0 disables clipping)"),
+    "training.max_steps": (lambda v: v == -1 or v > 0, "-1 (use epochs) or > 0"),
+    "qat.bits": (lambda v: 2 <= v <= 8, "in [2, 8]"),
+    "lora.target_modules": (
+        lambda v: v == "all-linear" or (isinstance(v, list) and len(v) > 0
+                                        and all(isinstance(m, str) and m for m in v)),
+        "'all-linear' or a non-empty list of module names, e.g. [q_proj, v_proj]"),
+    "data.train": (lambda v: v != "", "a file path or a hub dataset name"),
+    "output.dir": (lambda v: v != "", "a non-empty path"),
+}
+
+# A layer is one source of values: its nested dict and a function key -> where it was set.
+_Layer = tuple[dict, Callable[[str], str]]
+
+
+def load_recipe(path: str | Path, overrides: Sequence[str] = ()) -> Recipe:
+    """Load ``path`` (following ``extends:``), apply ``key=value`` overrides, validate.
+
+    Precedence: base recipes < this file < overrides. Raises RecipeError on any problem.
+    """
+    layers = _read_chain(Path(path), ()) + [_parse_override(text) for text in overrides]
+    cfg, origins = OmegaConf.structured(Recipe), {}
+    for data, locate in layers:
+        _check_keys(data, _DEFAULTS, "", locate)
+        try:
+            cfg = OmegaConf.merge(cfg, data)
+        except OmegaConfBaseException as e:  # a value of the wrong type
+            key = e.full_key or ""
+            raise RecipeError(f"{locate(key)}: invalid value for '{key}': "
+                              f"{str(e).splitlines()[0]}") from None
+        origins.update({key: locate(key) for key in _leaf_keys(data, "")})
+
+    def where(key: str) -> str:
+        return origins.get(key, str(path))
+
+    try:
+        recipe = OmegaConf.to_object(cfg)
+    except MissingMandatoryValue as e:
+        key = e.full_key
+        raise RecipeError(f"{where(key)}: missing required value '{key}' — "
+                          f"set it in the recipe or on the command line ({key}=...)") from None
+    except OmegaConfBaseException as e:  # e.g. a ${...} interpolation that does not resolve
+        raise RecipeError(f"{where(e.full_key)}: invalid value for '{e.full_key}': "
+                          f"{str(e).splitlines()[0]}") from None
+    _validate(recipe, where)
+    return recipe
+
+
+def recipe_to_dict(recipe: Recipe) -> dict:
+    """The recipe as plain nested dicts and lists (YAML/JSON-ready)."""
+    return dataclasses.asdict(recipe)
+
+
+def save_recipe(recipe: Recipe, path: str | Path) -> None:
+    """Write the resolved recipe as YAML; ``load_recipe`` on it gives an equal recipe."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(yaml.safe_dump(recipe_to_dict(recipe), sort_keys=False))
+
+
+def _read_chain(path: Path, chain: tuple[Path, ...]) -> list[_Layer]:
+    """The layers of ``path`` and its ``extends:`` bases, the deepest base first."""
+    if path.resolve() in [p.resolve() for p in chain]:
+        raise RecipeError("extends cycle: " + " -> ".join(map(str, (*chain, path))))
+    data, lines = _read_yaml(path)
+
+    def where(key: str) -> str:
+        return f"{path}:{lines[key]}" if key in lines else str(path)
+
+    base = data.pop("extends", None)
+    if base is None:
+        return [(data, where)]
+    if not isinstance(base, str):
+        raise RecipeError(f"{where('extends')}: 'extends' must be a path, got {base!r}")
+    base_path = path.parent / base  # relative to the extending file, not the cwd
+    if not base_path.is_file():
+        raise RecipeError(f"{where('extends')}: extends: recipe file not found: {base_path}")
+    return _read_chain(base_path, (*chain, path)) + [(data, where)]
+
+
+def _read_yaml(path: Path) -> tuple[dict, dict[str, int]]:
+    """The file's mapping and the line of every dotted key in it (from YAML node marks)."""
+    try:
+        text = path.read_text()
+    except OSError as e:
+        raise RecipeError(f"cannot read recipe file {path}: {e.strerror}") from None
+    loader = yaml.SafeLoader(text)
+    try:
+        node = loader.get_single_node()
+        data = loader.construct_document(node) if node is not None else {}
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        line = f":{mark.line + 1}" if mark else ""
+        raise RecipeError(f"{path}{line}: invalid YAML: {getattr(e, 'problem', e)}") from None
+    finally:
+        loader.dispose()
+    if not isinstance(data, dict):
+        raise RecipeError(f"{path}: the top level must be a mapping of sections "
+                          f"(model:, lora:, ...), got {type(data).__name__}")
+    lines: dict[str, int] = {}
+    _node_lines(node, "", lines, path)
+    return data, lines
+
+
+def _node_lines(node: yaml.Node | None, prefix: str, lines: dict[str, int], path: Path) -> None:
+    if not isinstance(node, yaml.MappingNode):
+        return
+    for key_node, value_node in node.value:
+        key, line = prefix + str(key_node.value), key_node.start_mark.line + 1
+        if key in lines:  # plain YAML would silently keep the last one
+            raise RecipeError(f"{path}:{line}: duplicate key '{key}' (also on line {lines[key]})")
+        lines[key] = line
+        _node_lines(value_node, key + ".", lines, path)
+
+
+def _parse_override(text: str) -> _Layer:
+    """``lora.r=8`` -> ({'lora': {'r': 8}}, ...); the value is parsed as YAML."""
+    key, sep, value = text.partition("=")
+    key = key.strip()
+    if not sep or "" in key.split("."):
+        raise RecipeError(f"bad command-line override `{text}`: expected key=value, e.g. lora.r=8")
+    origin = f"command-line override `{text}`"
+    if key == "extends":
+        raise RecipeError(f"{origin}: 'extends' can only be set in a recipe file")
+    try:
+        data = yaml.safe_load(value)
+    except yaml.YAMLError as e:
+        raise RecipeError(f"{origin}: cannot parse the value: {getattr(e, 'problem', e)}") from None
+    for part in reversed(key.split(".")):
+        data = {part: data}
+    return data, lambda _key: origin
+
+
+def _check_keys(data: dict, schema: dict, prefix: str, where: Callable[[str], str]) -> None:
+    """Unknown keys and sections that are not mappings, with the closest valid key."""
+    for name, value in data.items():
+        key = prefix + str(name)
+        if str(name) not in schema:
+            hint = _closest_key(key)
+            raise RecipeError(f"{where(key)}: unknown key '{key}'"
+                              + (f" — did you mean '{hint}'?" if hint else ""))
+        section = schema[str(name)]
+        if isinstance(section, dict):
+            if value is None:  # a section whose keys are all commented out
+                value = data[name] = {}
+            if not isinstance(value, dict):
+                raise RecipeError(f"{where(key)}: '{key}' is a section and must be a mapping "
+                                  f"of keys ({', '.join(section)}), got {value!r}")
+            _check_keys(value, section, key + ".", where)
+
+
+def _closest_key(key: str) -> Optional[str]:
+    """The valid key closest in spelling; else one with the same last part (wrong section)."""
+    valid = list(_leaf_keys(_DEFAULTS, "", sections=True))
+    close = difflib.get_close_matches(key, valid, n=1)
+    if close:
+        return close[0]
+    leaf = key.rpartition(".")[2]
+    same_leaf = [k for k in valid if k.rpartition(".")[2] == leaf]
+    return same_leaf[0] if same_leaf else None
+
+
+def _leaf_keys(data: dict, prefix: str, sections: bool = False) -> Iterator[str]:
+    """Dotted keys of a nested dict (lists are leaves); section keys too if ``sections``."""
+    for name, value in data.items():
+        key = prefix + str(name)
+        if isinstance(value, dict):
+            if sections:
+                yield key
+            yield from _leaf_keys(value, key + ".", sections)
+        else:
+            yield key
+
+
+def _validate(recipe: Recipe, where: Callable[[str], str]) -> None:
+    """Choices and ranges that types alone cannot express."""
+    def get(key: str) -> Any:
+        return reduce(getattr, key.split("."), recipe)
+
+    for key, allowed in _CHOICES.items():
+        if get(key) not in allowed:
+            names = ", ".join("null" if a is None else str(a) for a in allowed)
+            raise RecipeError(f"{where(key)}: invalid value {get(key)!r} for '{key}' — "
+                              f"must be one of: {names}")
+    for key, (ok, expected) in _RANGES.items():
+        if not ok(get(key)):
+            raise RecipeError(f"{where(key)}: invalid value {get(key)!r} for '{key}' — "
+                              f"must be {expected}")
+    if recipe.qat.format == "nf4" and recipe.qat.bits != 4:
+        raise RecipeError(f"{where('qat.bits')}: invalid value {recipe.qat.bits!r} for "
+                          "'qat.bits' — qat.format nf4 is a 4-bit format, so bits must be 4")
