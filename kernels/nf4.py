@@ -1,0 +1,271 @@
+"""Triton kernels for NF4 with double quantization (bitsandbytes' layout).
+
+Two kernels, each computing exactly the bits of the torch reference in
+``qlora_kit.quant.nf4``:
+
+- ``dequantize_nf4_dq``: one pass from packed 4-bit codes + 8-bit absmax codes to a
+  bf16/fp16/fp32 weight. It is memory bound: per output element it reads 0.5 byte of
+  codes + 1/64 byte of absmax code and writes 2 bytes (bf16), so the time floor is
+  ~2.52 bytes/element at copy bandwidth.
+- ``quantize_nf4_blocks``: the first-level quantization (per-block absmax, nearest
+  NF4 code, nibble packing); the torch code double-quantizes the fp32 absmax.
+
+Design notes and the bandwidth arithmetic: docs/kernels.md.
+"""
+
+from __future__ import annotations
+
+import torch
+
+try:
+    import triton
+    import triton.language as tl
+except ImportError:  # triton ships for Linux only; available() then says False
+    triton = None
+
+# Dequant tiles: (BLOCK elements, num_warps), autotuned per weight size on CUDA. A tile
+# holds whole absmax blocks and lies inside one nested block (BLOCK <= 64 * 256).
+_DEQUANT_CONFIGS = ((2048, 4), (4096, 4), (4096, 8), (8192, 4), (8192, 8))
+_MAX_BLOCK = max(b for b, _ in _DEQUANT_CONFIGS)
+_MIN_BLOCK = min(b for b, _ in _DEQUANT_CONFIGS)
+_INTERPRET_BLOCK = 2048  # fixed under TRITON_INTERPRET=1: no autotuning on the CPU
+_QUANT_BLOCK = 2048  # quantization is compute-light and runs once per weight: not tuned
+_QUANT_WARPS = 4
+
+# TRITON_INTERPRET=1 runs the kernels on the CPU. Triton reads it when it decorates a kernel,
+# i.e. when this module is imported, so it is read here once too.
+_INTERPRET = triton is not None and bool(triton.knobs.runtime.interpret)
+
+
+def available() -> bool:
+    """True when the kernels can run: triton imports and either CUDA or the interpreter is there."""
+    return triton is not None and (_INTERPRET or torch.cuda.is_available())
+
+
+if triton is not None:
+
+    @triton.jit
+    def _dequant_kernel(
+        packed_ptr, absmax_q_ptr, nested_ptr, offset_ptr, code4_ptr, code8_ptr, out_ptr,
+        n, n_bytes, n_blocks,
+        BLOCK: tl.constexpr, BLOCKSIZE: tl.constexpr, NESTED_BLOCKSIZE: tl.constexpr,
+        VEC: tl.constexpr, EVEN: tl.constexpr, BF16_BY_BITS: tl.constexpr,
+    ):  # fmt: skip
+        ROWS: tl.constexpr = BLOCK // BLOCKSIZE  # absmax blocks in the tile
+        GROUPS: tl.constexpr = BLOCK // (2 * VEC)  # groups of VEC packed bytes in the tile
+        # 64-bit tile base, 32-bit offsets inside the tile: weights may exceed 2^31 elements.
+        pid = tl.program_id(0).to(tl.int64)
+        packed_ptr += pid * (BLOCK // 2)
+        absmax_q_ptr += pid * ROWS
+        out_ptr += pid * BLOCK
+
+        # The tile as [group, VEC bytes]: a thread loads VEC contiguous packed bytes and expands
+        # them to 2 * VEC outputs, exactly one 16-byte store (VEC = 4 for bf16/fp16, 2 for fp32).
+        # Load and store share one register layout (no conversion through shared memory), and
+        # consecutive lanes take consecutive groups: a warp reads 128 contiguous bytes and
+        # writes 512. (A 3-d [block, group, byte] tile lets triton 3.6 put lanes along blocks,
+        # which strides every access.)
+        group = tl.arange(0, GROUPS)[:, None]
+        byte = group * VEC + tl.arange(0, VEC)[None, :]
+        elem = group * (2 * VEC) + tl.arange(0, 2 * VEC)[None, :]
+        block = group // (BLOCKSIZE // (2 * VEC))  # absmax block of each group, within the tile
+        if EVEN:  # no partial tile: no masks, so every access stays a full vector
+            block_mask = None
+            byte_mask = None
+            elem_mask = None
+        else:
+            block_mask = block < n_blocks - pid * ROWS
+            byte_mask = byte < n_bytes - pid * (BLOCK // 2)
+            elem_mask = elem < n - pid * BLOCK
+
+        # absmax of each group's block: code8[absmax_q] * nested_absmax + offset, in fp32. The
+        # launch sets enable_fp_fusion=False so the multiply and add stay two roundings, as in
+        # torch. A tile never straddles nested blocks (checked on launch): one nested_absmax.
+        q = tl.load(absmax_q_ptr + block, mask=block_mask).to(tl.int32)
+        nested = tl.load(nested_ptr + pid * ROWS // NESTED_BLOCKSIZE)
+        absmax = tl.load(code8_ptr + q) * nested + tl.load(offset_ptr)
+
+        # Masked-off lanes hold any byte: their table indices stay in [0, 16) and they are not stored.
+        packed = tl.load(packed_ptr + byte, mask=byte_mask)
+        # The 16-entry table is one 64-byte line: a warp's gather from it is one L1 wavefront.
+        high = tl.load(code4_ptr + (packed >> 4).to(tl.int32)) * absmax
+        low = tl.load(code4_ptr + (packed & 0xF).to(tl.int32)) * absmax
+        # Element 2i is the high nibble, 2i+1 the low: interleaving puts them in memory order.
+        w = tl.interleave(high, low)
+        if BF16_BY_BITS:
+            # Round to nearest even on the bits: the interpreter's fp32->bf16 cast does not
+            # (on the GPU the plain cast is cvt.rn.bf16x2.f32, one instruction per pair).
+            bits = w.to(tl.uint32, bitcast=True)
+            bits += 0x7FFF + ((bits >> 16) & 1)
+            w = (bits >> 16).to(tl.uint16).to(tl.bfloat16, bitcast=True)
+        tl.store(out_ptr + elem, w.to(out_ptr.dtype.element_ty), mask=elem_mask)
+
+    @triton.jit
+    def _quant_kernel(
+        x_ptr, midpoints_ptr, packed_ptr, absmax_ptr,
+        n, n_bytes, n_blocks,
+        BLOCK: tl.constexpr, BLOCKSIZE: tl.constexpr,
+    ):  # fmt: skip
+        ROWS: tl.constexpr = BLOCK // BLOCKSIZE  # absmax blocks in the tile
+        HALF: tl.constexpr = BLOCKSIZE // 2  # packed bytes per block
+        pid = tl.program_id(0).to(tl.int64)
+        x_ptr += pid * BLOCK
+        packed_ptr += pid * (BLOCK // 2)
+        absmax_ptr += pid * ROWS
+
+        row = tl.arange(0, ROWS)
+        elem = row[:, None] * BLOCKSIZE + tl.arange(0, BLOCKSIZE)[None, :]
+        # Elements past n read as 0: they leave max|x| unchanged and get code 7, the pad nibble.
+        x = tl.load(x_ptr + elem, mask=elem < n - pid * BLOCK, other=0.0).to(tl.float32)
+        absmax = tl.max(tl.abs(x), axis=1)
+        tl.store(absmax_ptr + row, absmax, mask=row < n_blocks - pid * ROWS)
+
+        # Multiply by an IEEE reciprocal (div_rn: triton's '/' is approximate), as bitsandbytes does.
+        # 1e-38 is below fp32's normal range: spell the fp32 constant out (a bare literal is fp64).
+        tiny = tl.full((ROWS,), 1e-38, tl.float32)
+        inv = tl.math.div_rn(tl.full((ROWS,), 1.0, tl.float32), tl.maximum(absmax, tiny))
+        scaled = tl.minimum(tl.maximum(x * inv[:, None], -1.0), 1.0)
+        # Nearest code = number of midpoints strictly below the value: a tie goes to the lower code.
+        code = tl.zeros((ROWS, BLOCKSIZE), dtype=tl.int32)
+        for i in tl.static_range(15):
+            code += (scaled > tl.load(midpoints_ptr + i)).to(tl.int32)
+
+        # Element 2i goes to the high nibble, 2i+1 to the low.
+        high, low = tl.split(tl.reshape(code, (ROWS, HALF, 2)))
+        byte = row[:, None] * HALF + tl.arange(0, HALF)[None, :]
+        tl.store(packed_ptr + byte, ((high << 4) | low).to(tl.uint8), mask=byte < n_bytes - pid * (BLOCK // 2))
+
+    _dequant_autotuned = triton.autotune(
+        configs=[triton.Config({"BLOCK": b}, num_warps=w) for b, w in _DEQUANT_CONFIGS],
+        key=["n"],  # the arguments' dtypes (the output dtype) are part of the key too
+    )(triton.heuristics({"EVEN": lambda args: args["n"] % args["BLOCK"] == 0})(_dequant_kernel))
+
+
+def _check(cond: bool, message: str) -> None:
+    if not cond:
+        raise ValueError(message)
+
+
+def _check_blocksize(blocksize: int) -> None:
+    _check(
+        8 <= blocksize <= _MIN_BLOCK and blocksize & (blocksize - 1) == 0,
+        f"blocksize must be a power of two in [8, {_MIN_BLOCK}], got {blocksize}",
+    )
+
+
+def dequantize_nf4_dq(
+    packed: torch.Tensor,
+    absmax_q: torch.Tensor,
+    nested_absmax: torch.Tensor,
+    offset: torch.Tensor,
+    code4: torch.Tensor,
+    code8: torch.Tensor,
+    shape: torch.Size,
+    dtype: torch.dtype,
+    blocksize: int = 64,
+    nested_blocksize: int = 256,
+    out: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Dequantize an NF4 double-quantized weight in one kernel pass.
+
+    Computes ``absmax = code8[absmax_q] * nested_absmax[block // nested_blocksize] + offset``
+    and ``w = code4[nibble] * absmax[block]`` in fp32, then rounds to ``dtype``; the result
+    equals ``qlora_kit.quant.nf4.dequantize_nf4_reference`` bit for bit.
+
+    Args:
+        packed: uint8 ``[(n + 1) // 2]``, element 2i in the high nibble, 2i+1 in the low.
+        absmax_q: uint8 ``[ceil(n / blocksize)]``, 8-bit codes of ``absmax - offset``.
+        nested_absmax: fp32 ``[ceil(n_blocks / nested_blocksize)]``.
+        offset: fp32 0-d tensor (read on the device: no host sync).
+        code4: fp32 ``[16]``, the NF4 code values.
+        code8: fp32 ``[256]``, the signed dynamic map.
+        shape: the weight's shape (n = its number of elements).
+        dtype: the output dtype (bfloat16, float16 or float32).
+        out: optional contiguous tensor of ``shape`` and ``dtype`` to write into.
+
+    Returns:
+        The weight, ``out`` itself when given.
+    """
+    shape = torch.Size(shape)
+    n = shape.numel()
+    n_blocks = -(-n // blocksize)
+    n_nested = -(-n_blocks // nested_blocksize)
+    _check_blocksize(blocksize)
+    _check(
+        nested_blocksize & (nested_blocksize - 1) == 0 and blocksize * nested_blocksize >= _MAX_BLOCK,
+        f"nested_blocksize must be a power of two with blocksize * nested_blocksize >= {_MAX_BLOCK}, "
+        f"got {nested_blocksize} (blocksize {blocksize})",
+    )
+    _check(dtype in (torch.bfloat16, torch.float16, torch.float32), f"output dtype must be bf16/fp16/fp32, got {dtype}")
+    for name, t, t_dtype, numel in (
+        ("packed", packed, torch.uint8, (n + 1) // 2),
+        ("absmax_q", absmax_q, torch.uint8, n_blocks),
+        ("nested_absmax", nested_absmax, torch.float32, n_nested),
+        ("offset", offset, torch.float32, 1),
+        ("code4", code4, torch.float32, 16),
+        ("code8", code8, torch.float32, 256),
+    ):
+        _check(t.dtype == t_dtype and t.numel() == numel and t.device == packed.device,
+               f"{name}: expected {t_dtype} with {numel} elements on {packed.device} for a weight of shape "
+               f"{tuple(shape)}, got {t.dtype} with {t.numel()} on {t.device}")  # fmt: skip
+    if out is None:
+        out = torch.empty(shape, dtype=dtype, device=packed.device)
+    else:
+        _check(out.shape == shape and out.dtype == dtype and out.is_contiguous() and out.device == packed.device,
+               f"out: expected a contiguous {dtype} tensor of shape {tuple(shape)} on {packed.device}, "
+               f"got {out.dtype} {tuple(out.shape)} on {out.device} (contiguous={out.is_contiguous()})")  # fmt: skip
+
+    args = (
+        packed.contiguous(), absmax_q.contiguous(), nested_absmax.contiguous(), offset,
+        code4.contiguous(), code8.contiguous(), out, n, packed.numel(), n_blocks,
+    )  # fmt: skip
+    consts = {
+        "BLOCKSIZE": blocksize,
+        "NESTED_BLOCKSIZE": nested_blocksize,
+        "VEC": 8 // out.element_size(),  # packed bytes per thread group: 2 * VEC outputs = 16 bytes
+        "BF16_BY_BITS": _INTERPRET and dtype == torch.bfloat16,
+        "enable_fp_fusion": False,
+    }
+    if _INTERPRET:
+        even = n % _INTERPRET_BLOCK == 0
+        grid = (triton.cdiv(n, _INTERPRET_BLOCK),)
+        _dequant_kernel[grid](*args, BLOCK=_INTERPRET_BLOCK, EVEN=even, num_warps=4, **consts)
+    else:
+        _dequant_autotuned[lambda meta: (triton.cdiv(n, meta["BLOCK"]),)](*args, **consts)
+    return out
+
+
+def quantize_nf4_blocks(flat: torch.Tensor, code4: torch.Tensor, blocksize: int = 64) -> tuple[torch.Tensor, torch.Tensor]:
+    """First-level NF4 quantization: per-block absmax and the packed nearest codes.
+
+    Per block, ``absmax = max|x|`` (fp32); ``scaled = clamp(x * (1 / max(absmax, 1e-38)), -1, 1)``;
+    the code is the nearest of ``code4`` with midpoint thresholds, a value exactly on a
+    midpoint going to the lower code. Element 2i goes to the high nibble of byte i; an odd
+    count pads the last low nibble with code 7 (zero).
+
+    Args:
+        flat: the weight (any shape, read in row-major order), fp32/fp16/bf16.
+        code4: fp32 ``[16]``, the NF4 code values in increasing order.
+        blocksize: elements per absmax block.
+
+    Returns:
+        ``(packed, absmax)``: uint8 ``[(n + 1) // 2]`` and fp32 ``[ceil(n / blocksize)]``,
+        equal to ``qlora_kit.quant.nf4.quantize_nf4_reference``'s packed bytes and
+        first-level absmax.
+    """
+    _check_blocksize(blocksize)
+    _check(flat.dtype in (torch.bfloat16, torch.float16, torch.float32), f"flat: expected bf16/fp16/fp32, got {flat.dtype}")
+    _check(code4.dtype == torch.float32 and code4.numel() == 16, "code4: expected 16 float32 values")
+    x = flat.reshape(-1).contiguous()
+    n = x.numel()
+    _check(n > 0, "flat: cannot quantize an empty tensor")
+    n_blocks = -(-n // blocksize)
+    # Midpoints in fp32 exactly as the reference computes them.
+    midpoints = ((code4[:-1] + code4[1:]) / 2).contiguous()
+    packed = torch.empty((n + 1) // 2, dtype=torch.uint8, device=x.device)
+    absmax = torch.empty(n_blocks, dtype=torch.float32, device=x.device)
+    _quant_kernel[(triton.cdiv(n, _QUANT_BLOCK),)](
+        x, midpoints, packed, absmax, n, packed.numel(), n_blocks,
+        BLOCK=_QUANT_BLOCK, BLOCKSIZE=blocksize, num_warps=_QUANT_WARPS, enable_fp_fusion=False,
+    )  # fmt: skip
+    return packed, absmax
