@@ -19,8 +19,10 @@ import yaml
 from omegaconf import MISSING, OmegaConf
 from omegaconf.errors import MissingMandatoryValue, OmegaConfBaseException
 
+from qlora_kit.errors import UserInputError
 
-class RecipeError(ValueError):
+
+class RecipeError(UserInputError):
     """A recipe that cannot be used; the message says which key and where."""
 
 
@@ -148,6 +150,7 @@ _CHOICES: dict[str, tuple] = {
     "model.compute_dtype": ("auto", "bfloat16", "float16", "float32"),
     "model.attn_implementation": ("sdpa", "eager", "flash_attention_2"),
     "quantization.quant_type": ("nf4",),
+    "quantization.double_quant": (True,),  # the bitsandbytes layout we read and write is double-quantized
     "quantization.blocksize": (64,),  # the NF4 kernels and the bitsandbytes format assume 64
     "quantization.kernel": ("auto", "triton", "torch"),
     "qat.format": ("int", "nf4"),

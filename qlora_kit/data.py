@@ -29,6 +29,8 @@ import torch
 from torch.nn.utils.rnn import pad_sequence
 from trl.data_utils import pack_dataset
 
+from qlora_kit.errors import UserInputError
+
 logger = logging.getLogger(__name__)
 
 IGNORE_INDEX = -100  # the label value torch's cross-entropy skips
@@ -48,7 +50,7 @@ _ACCEPTED_COLUMNS = (
 )
 
 
-class DataError(ValueError):
+class DataError(UserInputError):
     """A data file or one of its rows does not fit the expected format."""
 
 
@@ -295,7 +297,7 @@ class SFTData:
 def build_datasets(data_cfg: Any, tokenizer: Any, seed: int) -> SFTData:
     """Load, convert, tokenize, split and pack the data named by a recipe's ``data`` section."""
     if data_cfg.validation and data_cfg.validation_split:
-        raise ValueError("data.validation and data.validation_split are both set; use one")
+        raise DataError("data.validation and data.validation_split are both set; use one")
     train, skipped = _tokenized(data_cfg.train, data_cfg, tokenizer)
     validation = None
     if data_cfg.validation:

