@@ -3,7 +3,7 @@
 The schema is a tree of dataclasses read through OmegaConf structured configs, which
 converts and type-checks values. Everything is checked here, before any model is
 loaded, and every error names the dotted key and where it was set (``file:line`` or
-the command-line override). Every key, its default and meaning: docs/recipe.md.
+the command-line override). Every key, its default and meaning: the README's recipe reference.
 """
 
 from __future__ import annotations

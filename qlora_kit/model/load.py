@@ -59,6 +59,7 @@ def empty_model(config, compute_dtype: torch.dtype, attn_implementation: str = "
         for name, module in list(layer.named_modules()):
             if isinstance(module, nn.Linear):
                 _set_submodule(layer, name, _empty_nf4_linear(module, compute_dtype))
+    model.tie_weights()  # a tied lm_head is one parameter, not expected from the checkpoint
     return model
 
 
@@ -114,7 +115,8 @@ def materialize(
     bar = tqdm(total=len(expected), desc="loading + quantizing to NF4", unit="tensor", disable=not progress)
     for name, tensor in tensors:
         if name not in expected:
-            if name.endswith("rotary_emb.inv_freq"):  # older checkpoints saved this buffer
+            # Older checkpoints saved the rotary buffer, some the tied copy of the embeddings.
+            if name.endswith("rotary_emb.inv_freq") or (name == "lm_head.weight" and model.config.tie_word_embeddings):
                 continue
             raise ModelSourceError(f"checkpoint tensor '{name}' does not belong to this {type(model).__name__}")
         if tensor.shape != expected[name]:

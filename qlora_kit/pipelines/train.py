@@ -170,6 +170,7 @@ def save_loss_curve(log_history: list[dict], path: Path) -> None:
             ax.plot(*zip(*points), marker="o" if key == "eval_loss" else None, label=label)
     ax.set_xlabel("optimizer step")
     ax.set_ylabel("loss")
+    ax.set_yscale("log")  # SFT losses fall by orders of magnitude
     ax.legend()
     ax.grid(alpha=0.3)
     fig.tight_layout()

@@ -1,0 +1,197 @@
+"""QLoRA training step: qlora-kit against transformers + peft + bitsandbytes, in one run (CUDA).
+
+Both sides get a Llama-shape model with random weights in NF4 + double quantization,
+LoRA on all linear layers, non-reentrant gradient checkpointing, sdpa attention,
+bitsandbytes' PagedAdamW8bit, bf16 autocast, and the same random tokens (every
+position labelled). Warm-up steps are excluded; the timed steps are synchronized.
+
+  stock: LlamaForCausalLM with bitsandbytes Linear4bit (nf4, compress_statistics),
+         peft.get_peft_model(LoraConfig(target_modules="all-linear")), model(..., labels=...)
+  ours:  qlora_kit.model.build (same shapes), add_lora, SFTModel (chunked loss)
+
+Model FLOPs per step: tokens * (4 * frozen params + 6 * LoRA params) for the linears
+(forward + input gradient, plus weight gradients for LoRA) + causal attention
+(forward and backward), without the checkpoint recompute; MFU divides by the bf16
+matmul rate measured in the same run.
+
+    python scripts/bench_train.py --seq 2048 --batch 4 --rank 16
+    python scripts/bench_train.py --seq 8192 --batch 1 --side ours --json out.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import time
+from pathlib import Path
+
+import torch
+
+from qlora_kit.model.build import SHAPES, build_random_quantized, llama_config
+
+
+def matmul_tflops() -> float:
+    a = torch.randn(8192, 8192, device="cuda", dtype=torch.bfloat16)
+    b = torch.randn(8192, 8192, device="cuda", dtype=torch.bfloat16)
+    for _ in range(3):
+        a @ b
+    torch.cuda.synchronize()
+    start = time.perf_counter()
+    for _ in range(10):
+        a @ b
+    torch.cuda.synchronize()
+    return 10 * 2 * 8192**3 / (time.perf_counter() - start) / 1e12
+
+
+def build_ours(config, rank: int, checkpointing: bool):
+    from qlora_kit.model.adapters import add_lora
+    from qlora_kit.model.sft import SFTModel
+
+    lm = build_random_quantized(config, "cuda", torch.bfloat16, progress=False)
+    add_lora(lm, rank, 2 * rank)
+    lm.config.use_cache = False
+    if checkpointing:
+        lm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    model = SFTModel(lm).train()
+    return model, lambda ids: model(input_ids=ids, labels=ids)["loss"]
+
+
+def build_stock(config, rank: int, checkpointing: bool):
+    import bitsandbytes as bnb
+    from accelerate import init_empty_weights
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    with init_empty_weights(include_buffers=False):
+        model = AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16, attn_implementation="sdpa")
+    g = torch.Generator("cuda").manual_seed(0)
+    for layer in model.model.layers:
+        for name, m in list(layer.named_modules()):
+            if isinstance(m, torch.nn.Linear):
+                w = torch.empty(m.out_features, m.in_features, device="cuda", dtype=torch.bfloat16).normal_(0, 0.02, generator=g)
+                q = bnb.nn.Linear4bit(m.in_features, m.out_features, bias=False, compute_dtype=torch.bfloat16,
+                                      compress_statistics=True, quant_type="nf4", device="meta")  # fmt: skip
+                q.weight = bnb.nn.Params4bit(w, requires_grad=False, compress_statistics=True, quant_type="nf4").to("cuda")
+                parent, _, child = name.rpartition(".")
+                setattr(layer.get_submodule(parent) if parent else layer, child, q)
+                del w
+    for name, p in list(model.named_parameters()):
+        if p.device.type == "meta":
+            value = torch.ones(p.shape) if name.endswith("norm.weight") else torch.randn(p.shape) * 0.02
+            module, _, attr = name.rpartition(".")
+            setattr(model.get_submodule(module), attr, torch.nn.Parameter(value.to("cuda", torch.bfloat16), requires_grad=False))
+    model.tie_weights()
+    model.model.rotary_emb.to("cuda")
+    model.config.use_cache = False
+    if checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    model = get_peft_model(model, LoraConfig(r=rank, lora_alpha=2 * rank, lora_dropout=0.0, target_modules="all-linear",
+                                             task_type="CAUSAL_LM"))  # fmt: skip
+    model.train()
+    return model, lambda ids: model(input_ids=ids, labels=ids).loss
+
+
+def run_side(side: str, config, args) -> dict:
+    import bitsandbytes as bnb
+
+    torch.cuda.empty_cache()
+    torch.cuda.reset_peak_memory_stats()
+    build = build_ours if side == "ours" else build_stock
+    model, step_loss = build(config, args.rank, not args.no_checkpointing)
+    weights_bytes = torch.cuda.memory_allocated()
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = bnb.optim.PagedAdamW8bit(params, lr=1e-4)
+    g = torch.Generator("cuda").manual_seed(1)
+    batches = [torch.randint(0, config.vocab_size, (args.batch, args.seq), device="cuda", generator=g)
+               for _ in range(args.warmup + args.steps)]  # fmt: skip
+    losses, times = [], []
+    for i, ids in enumerate(batches):
+        torch.cuda.synchronize()
+        start = time.perf_counter()
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            loss = step_loss(ids)
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        torch.cuda.synchronize()
+        if i >= args.warmup:
+            times.append(time.perf_counter() - start)
+        losses.append(loss.item())
+    step = sorted(times)[len(times) // 2]
+    result = {
+        "side": side,
+        "step_s": step,
+        "tokens_per_s": args.batch * args.seq / step,
+        "peak_allocated": torch.cuda.max_memory_allocated(),
+        "peak_reserved": torch.cuda.max_memory_reserved(),
+        "weights_bytes": weights_bytes,
+        "lora_params": sum(p.numel() for p in params),
+        "losses": losses,
+    }
+    del model, optimizer, params, batches, loss
+    gc.collect()
+    torch.cuda.empty_cache()
+    return result
+
+
+def model_flops_per_step(config, lora_params: int, batch: int, seq: int) -> float:
+    c = config
+    head_dim = c.hidden_size // c.num_attention_heads
+    kv = c.num_key_value_heads * head_dim
+    linear = c.num_hidden_layers * (c.hidden_size * (2 * c.hidden_size + 2 * kv) + 3 * c.hidden_size * c.intermediate_size)
+    frozen = linear + c.vocab_size * c.hidden_size  # lm_head
+    tokens = batch * seq
+    # Causal attention: QK^T and PV, half the square, forward + 2x backward.
+    attention = 3 * 2 * 2 * c.num_hidden_layers * batch * seq * seq * c.hidden_size / 2
+    return tokens * (4 * frozen + 6 * lora_params) + attention
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--shape", default="llama-3-8b", choices=sorted(SHAPES))
+    parser.add_argument("--layers", type=int, help="override the number of decoder layers")
+    parser.add_argument("--seq", type=int, default=2048)
+    parser.add_argument("--batch", type=int, default=4)
+    parser.add_argument("--rank", type=int, default=16)
+    parser.add_argument("--steps", type=int, default=5)
+    parser.add_argument("--warmup", type=int, default=2)
+    parser.add_argument("--side", choices=["both", "ours", "stock"], default="both")
+    parser.add_argument("--no-checkpointing", action="store_true")
+    parser.add_argument("--json")
+    args = parser.parse_args()
+    config = llama_config(args.shape, **({"num_hidden_layers": args.layers} if args.layers else {}))
+    peak_tflops = matmul_tflops()
+    sides = ["stock", "ours"] if args.side == "both" else [args.side]
+    results = {"device": torch.cuda.get_device_name(), "shape": args.shape, "layers": config.num_hidden_layers,
+               "seq": args.seq, "batch": args.batch, "rank": args.rank, "matmul_tflops": peak_tflops, "sides": {}}  # fmt: skip
+    for side in sides:
+        try:
+            r = run_side(side, config, args)
+            r["mfu"] = model_flops_per_step(config, r["lora_params"], args.batch, args.seq) / r["step_s"] / (peak_tflops * 1e12)
+        except torch.OutOfMemoryError as e:
+            r = {"side": side, "error": f"out of memory: {str(e).splitlines()[0]}"}
+            gc.collect()
+            torch.cuda.empty_cache()
+        results["sides"][side] = r
+    if args.json:
+        Path(args.json).write_text(json.dumps(results, indent=2))
+
+    gib = 1 / 2**30
+    print(f"\n{args.shape} ({config.num_hidden_layers} layers), seq {args.seq}, batch {args.batch}, LoRA r={args.rank}, "
+          f"{results['device']}, bf16 matmul {peak_tflops:.0f} TFLOP/s")  # fmt: skip
+    print(f"{'':8}{'s/step':>9}{'tokens/s':>10}{'peak GiB':>10}{'MFU':>7}   losses")
+    for side, r in results["sides"].items():
+        if "error" in r:
+            print(f"{side:8}{r['error']}")
+            continue
+        print(f"{side:8}{r['step_s']:9.3f}{r['tokens_per_s']:10.0f}{r['peak_allocated'] * gib:10.2f}{r['mfu']:7.1%}   "
+              + " ".join(f"{x:.3f}" for x in r["losses"][:3]))  # fmt: skip
+    if len(results["sides"]) == 2 and all("error" not in r for r in results["sides"].values()):
+        ours, stock = results["sides"]["ours"], results["sides"]["stock"]
+        print(f"ours/stock: tokens/s {ours['tokens_per_s'] / stock['tokens_per_s']:.2f}x, "
+              f"peak memory {ours['peak_allocated'] / stock['peak_allocated']:.2f}x")  # fmt: skip
+
+
+if __name__ == "__main__":
+    main()

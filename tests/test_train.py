@@ -1,0 +1,158 @@
+"""The training stack end to end on the CPU, on a tiny random Llama with SmolLM2's tokenizer."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+from transformers import LlamaConfig, LlamaForCausalLM
+
+from qlora_kit.config import load_recipe
+from qlora_kit.model.adapters import ADAPTER_WEIGHTS, add_lora, lora_modules, peft_config, save_adapter
+from qlora_kit.model.load import load_quantized
+from qlora_kit.model.sources import load_tokenizer, resolve_source
+from qlora_kit.modules.nf4_linear import NF4Linear
+from qlora_kit.pipelines.train import OutputDirError, last_complete_checkpoint, train
+from qlora_kit.quant.nf4 import dequantize_nf4_reference
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture(scope="module")
+def tiny_model_dir(tmp_path_factory):
+    """A 2-layer Llama with random weights and SmolLM2's tokenizer (chat template included)."""
+    path = tmp_path_factory.mktemp("tiny-llama")
+    tokenizer = load_tokenizer(resolve_source("smollm2"))
+    torch.manual_seed(0)
+    config = LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                         num_key_value_heads=2, vocab_size=len(tokenizer), tie_word_embeddings=True,
+                         bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id)  # fmt: skip
+    LlamaForCausalLM(config).save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def task_files(tmp_path_factory):
+    """A trivially learnable chat task: answer every question with the same word."""
+    path = tmp_path_factory.mktemp("task")
+    rows = [{"messages": [{"role": "user", "content": f"Question {i}: say the word."},
+                          {"role": "assistant", "content": "banana"}]} for i in range(64)]  # fmt: skip
+    for name, part in (("train", rows[:48]), ("valid", rows[48:56]), ("test", rows[56:])):
+        (path / f"{name}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in part))
+    return path
+
+
+def _recipe(tmp_path, model_dir, task, *overrides):
+    tmp_path.mkdir(parents=True, exist_ok=True)
+    recipe_file = tmp_path / "recipe.yaml"
+    recipe_file.write_text(
+        f"model: {{name_or_path: '{model_dir}'}}\n"
+        f"data: {{train: '{task}/train.jsonl', validation: '{task}/valid.jsonl', test: '{task}/test.jsonl', max_seq_len: 64}}\n"
+        "lora: {r: 8, alpha: 16}\n"
+        "training: {max_steps: 30, batch_size: 8, learning_rate: 3.0e-3, warmup_ratio: 0.0, logging_steps: 1, "
+        "save_steps: 10, gradient_checkpointing: true, lr_scheduler: constant}\n"
+        "eval: {max_new_tokens: 4}\n"
+        f"output: {{dir: '{tmp_path / 'out'}', report_to: tensorboard}}\n"
+    )
+    return load_recipe(recipe_file, list(overrides))
+
+
+def test_end_to_end_training_lowers_the_loss(tmp_path, tiny_model_dir, task_files):
+    recipe = _recipe(tmp_path, tiny_model_dir, task_files)
+    metrics = train(recipe)
+    out = Path(recipe.output.dir)
+    assert metrics["train_steps"] == 30
+    # The tiny random model's logits are nearly flat (loss ~ ln(vocab)); 30 steps take ~1 nat off.
+    assert metrics["after"]["val_loss"] < metrics["before"]["val_loss"] - 0.5
+    assert metrics["after"]["test_exact_match"] > metrics["before"]["test_exact_match"]
+    for name in ("adapter_config.json", ADAPTER_WEIGHTS, "recipe.yaml", "metrics.json", "loss_curve.png",
+                 "tokenizer.json"):  # fmt: skip
+        assert (out / name).is_file(), name
+    assert list(out.glob("runs/*/events.out.tfevents.*")), "TensorBoard logs"
+    assert load_recipe(out / "recipe.yaml") == recipe
+    assert json.loads((out / "metrics.json").read_text()) == metrics
+    with pytest.raises(OutputDirError, match="output.overwrite=true"):
+        train(recipe)
+
+
+def test_resume_continues_exactly(tmp_path, tiny_model_dir, task_files):
+    """4 steps + a kill + resume to 8 ends where 8 uninterrupted steps end; a half-written checkpoint is skipped."""
+    straight = _recipe(tmp_path / "a", tiny_model_dir, task_files, "training.max_steps=8", "training.save_steps=4")
+    train(straight)
+
+    interrupted = _recipe(tmp_path / "b", tiny_model_dir, task_files, "training.max_steps=4", "training.save_steps=4")
+    train(interrupted)
+    out = Path(interrupted.output.dir)
+    (out / "checkpoint-6").mkdir()  # a run killed while saving: no trainer_state.json
+    (out / "checkpoint-6" / ADAPTER_WEIGHTS).write_bytes(b"partial")
+    assert last_complete_checkpoint(out).name == "checkpoint-4"
+    resumed = _recipe(tmp_path / "b", tiny_model_dir, task_files, "training.max_steps=8", "training.save_steps=4",
+                      "training.resume=true")  # fmt: skip
+    metrics = train(resumed)
+    assert metrics["train_steps"] == 8
+    a = load_file(str(Path(straight.output.dir) / ADAPTER_WEIGHTS))
+    b = load_file(str(out / ADAPTER_WEIGHTS))
+    for key in a:
+        assert torch.allclose(a[key], b[key], atol=1e-6), key
+
+
+def test_adapters_load_in_peft_and_give_our_logits(tmp_path, tiny_model_dir):
+    from peft import PeftModel
+
+    ours = load_quantized(str(tiny_model_dir), device="cpu", compute_dtype="float32", progress=False)
+    ids = torch.randint(0, 1000, (2, 12))
+    with torch.no_grad():
+        base_logits = ours(ids).logits
+    add_lora(ours, r=4, alpha=8, target_modules=["q_proj", "v_proj", "down_proj"])
+    with torch.no_grad():
+        assert torch.equal(ours(ids).logits, base_logits)  # B = 0: step 0 is the base model
+        for m in lora_modules(ours).values():
+            m.lora_B.weight.normal_(0, 0.05)
+        our_logits = ours(ids).logits
+    save_adapter(ours, tmp_path / "adapter", peft_config(ours, 4, 8, 0.0, False, str(tiny_model_dir)))
+
+    stock = LlamaForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32).eval()
+    with torch.no_grad():
+        for name, m in ours.named_modules():
+            if isinstance(m, NF4Linear):
+                stock.get_submodule(name.removesuffix(".base")).weight.copy_(dequantize_nf4_reference(m.nf4_weight))
+    peft_model = PeftModel.from_pretrained(stock, tmp_path / "adapter").eval()
+    with torch.no_grad():
+        peft_logits = peft_model(ids).logits
+    assert torch.allclose(peft_logits, our_logits, atol=1e-5, rtol=1e-4)
+    assert not torch.allclose(peft_logits, base_logits, atol=1e-3)
+
+
+def test_unknown_lora_target_is_named(tiny_model_dir):
+    model = load_quantized(str(tiny_model_dir), device="cpu", progress=False)
+    with pytest.raises(ValueError, match=r"no module named \['qproj'\].*q_proj"):
+        add_lora(model, 4, 8, target_modules=["qproj"])
+
+
+def _run_cli(*args, cwd):
+    return subprocess.run([sys.executable, str(ROOT / "train.py"), *args], cwd=cwd, capture_output=True, text=True,
+                          timeout=300)  # fmt: skip
+
+
+def test_cli_bad_recipe_key_exits_cleanly(tmp_path):
+    recipe = tmp_path / "bad.yaml"
+    recipe.write_text("data:\n  train: x.jsonl\nlora:\n  rank: 8\n")
+    result = _run_cli(str(recipe), cwd=tmp_path)
+    assert result.returncode == 2
+    assert f"{recipe}:4: unknown key 'lora.rank'" in result.stderr and "did you mean 'lora.r'" in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def test_cli_bad_data_row_names_file_and_row(tmp_path, tiny_model_dir):
+    data = tmp_path / "train.jsonl"
+    data.write_text('{"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"}]}\n'
+                    '{"messages": [{"role": "user", "content": "no answer"}]}\n')  # fmt: skip
+    result = _run_cli("recipes/quickstart.yaml", f"model.name_or_path={tiny_model_dir}", f"data.train={data}",
+                      "data.validation=null", "data.test=null", f"output.dir={tmp_path / 'out'}", cwd=ROOT)  # fmt: skip
+    assert result.returncode == 2, result.stderr[-2000:]
+    assert "row 2" in result.stderr and str(data) in result.stderr
+    assert "Traceback" not in result.stderr
