@@ -6,7 +6,7 @@ import torch
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from qlora_kit.data import IGNORE_INDEX
+IGNORE_INDEX = -100  # labels of tokens outside the loss (torch's cross_entropy default, as in qlora_kit.data)
 
 
 def causal_lm_loss(
