@@ -106,18 +106,30 @@ def run_side(side: str, config, args) -> dict:
     batches = [torch.randint(0, config.vocab_size, (args.batch, args.seq), device="cuda", generator=g)
                for _ in range(args.warmup + args.steps)]  # fmt: skip
     losses, times = [], []
-    for i, ids in enumerate(batches):
-        torch.cuda.synchronize()
-        start = time.perf_counter()
+
+    def train_step(ids):
         with torch.autocast("cuda", dtype=torch.bfloat16):
             loss = step_loss(ids)
         loss.backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
+        return loss
+
+    for i, ids in enumerate(batches):
+        torch.cuda.synchronize()
+        start = time.perf_counter()
+        loss = train_step(ids)
         torch.cuda.synchronize()
         if i >= args.warmup:
             times.append(time.perf_counter() - start)
         losses.append(loss.item())
+    if args.profile:
+        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+            train_step(batches[-1])
+            torch.cuda.synchronize()
+        table = prof.key_averages().table(sort_by="cuda_time_total", row_limit=40, max_name_column_width=70)
+        with open(f"{args.profile}.{side}.txt", "w") as f:
+            f.write(table)
     step = sorted(times)[len(times) // 2]
     result = {
         "side": side,
@@ -158,6 +170,7 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--side", choices=["both", "ours", "stock"], default="both")
     parser.add_argument("--no-checkpointing", action="store_true")
+    parser.add_argument("--profile", help="write a torch.profiler table of one timed step to this file")
     parser.add_argument("--json")
     args = parser.parse_args()
     config = llama_config(args.shape, **({"num_hidden_layers": args.layers} if args.layers else {}))

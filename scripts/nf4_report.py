@@ -55,6 +55,21 @@ def peak_memory_growth(fn):
     return result, max(peak[0], _anon_rss_bytes()) - before
 
 
+def bitsandbytes_nf4_copy(model):
+    """An independent NF4 reference: the same model with each decoder linear round-tripped through bitsandbytes."""
+    import copy
+
+    import bitsandbytes.functional as bnbF
+
+    model = copy.deepcopy(model)
+    with torch.no_grad():
+        for name, m in model.model.layers.named_modules():
+            if isinstance(m, torch.nn.Linear):
+                packed, state = bnbF.quantize_4bit(m.weight, quant_type="nf4", compress_statistics=True, blocksize=64)
+                m.weight.copy_(bnbF.dequantize_4bit(packed, state))
+    return model
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default="smollm2", help="model.name_or_path (default: the embedded SmolLM2)")
@@ -79,6 +94,7 @@ def main() -> None:
 
     results = {
         "model": source.name,
+        "ppl_bitsandbytes_nf4": perplexity(bitsandbytes_nf4_copy(full), ids, args.seq_len),
         "tokens": ids.numel(),
         "ppl_full": perplexity(full, ids, args.seq_len),
         "ppl_nf4": perplexity(nf4, ids, args.seq_len),
@@ -97,7 +113,8 @@ def main() -> None:
 
     mb = 1 / 2**20
     print(f"\nNF4 + double quantization on {results['model']} ({results['tokens']} held-out tokens)")
-    print(f"  perplexity      full {results['ppl_full']:.3f}   nf4 {results['ppl_nf4']:.3f}   (+{results['ppl_increase_percent']:.2f}%)")
+    print(f"  perplexity      full {results['ppl_full']:.3f}   nf4 {results['ppl_nf4']:.3f}   (+{results['ppl_increase_percent']:.2f}%)"
+          f"   bitsandbytes nf4 {results['ppl_bitsandbytes_nf4']:.3f}")  # fmt: skip
     print(f"  logits          relative L2 {results['relative_l2']:.4f}   top-1 agreement {results['top1_agreement']:.3f}"
           f"   KL {results['kl_nats_per_token']:.4f} nats/token")  # fmt: skip
     print(f"  model size      full {results['full_model_bytes'] * mb:.0f} MiB   nf4 {results['nf4_model_bytes'] * mb:.0f} MiB"
