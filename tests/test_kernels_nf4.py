@@ -1,17 +1,13 @@
 """The Triton NF4 kernels against the torch reference (qlora_kit.quant.nf4), bit for bit.
 
-On a machine without CUDA the kernels run under the Triton interpreter on the CPU:
-TRITON_INTERPRET must be set before the kernel module is imported (triton picks the
-interpreter when a kernel is decorated). Sizes stay small because the interpreter is slow.
+On a machine without CUDA the kernels run under the Triton interpreter on the CPU
+(tests/conftest.py sets TRITON_INTERPRET=1 before triton is first imported). Sizes stay
+small because the interpreter is slow.
 """
-
-import os
 
 import pytest
 import torch
 
-if not torch.cuda.is_available():
-    os.environ["TRITON_INTERPRET"] = "1"
 pytest.importorskip("triton", reason="triton is not installed: the NF4 kernels cannot run here")
 
 import bitsandbytes.functional as bnbF  # noqa: E402

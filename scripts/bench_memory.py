@@ -1,0 +1,119 @@
+"""Fine-tune a 65B-shape model on one GPU capped at 48 GB: peak memory by part, and tokens/s (CUDA).
+
+The process is capped with torch.cuda.set_per_process_memory_fraction. The model is
+built directly in NF4 with double quantization, layer by layer on the GPU (random
+weights, through the same code path as loading a real checkpoint). LoRA r=64 on all
+linear layers (the QLoRA paper's setting), bitsandbytes' PagedAdamW8bit, non-reentrant
+gradient checkpointing, seq 2048, batch 1, at least 3 optimizer steps. `--side stock`
+runs transformers + peft + bitsandbytes the same way (see bench_train.py).
+
+    python scripts/bench_memory.py                                   # LLaMA-65B shape, ours
+    python scripts/bench_memory.py --side both --json mem.json
+    python scripts/bench_memory.py --shape llama-2-70b --seq 4096    # the stretch target
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import time
+from pathlib import Path
+
+import torch
+
+from bench_train import build_ours, build_stock
+
+from qlora_kit.model.build import SHAPES, llama_config
+
+
+def _bytes(tensors) -> int:
+    return sum(t.numel() * t.element_size() for t in tensors)
+
+
+def run(side: str, config, args) -> dict:
+    import bitsandbytes as bnb
+
+    gc.collect()
+    torch.cuda.empty_cache()
+    torch.cuda.reset_peak_memory_stats()
+    start = time.perf_counter()
+    model, step_loss = (build_ours if side == "ours" else build_stock)(config, args.rank, True)
+    torch.cuda.synchronize()
+    build_s = time.perf_counter() - start
+    lora = [p for p in model.parameters() if p.requires_grad]
+    frozen = [t for t in [*model.parameters(), *model.buffers()] if not t.requires_grad]
+    parts = {"frozen weights (NF4 + constants, embeddings, norms)": _bytes(frozen), "LoRA weights": _bytes(lora)}
+    optimizer = bnb.optim.PagedAdamW8bit(lora, lr=1e-4)
+    g = torch.Generator("cuda").manual_seed(1)
+    step_times, losses = [], []
+    after_build = torch.cuda.memory_allocated()
+    torch.cuda.reset_peak_memory_stats()
+    for _ in range(args.steps):
+        ids = torch.randint(0, config.vocab_size, (args.batch, args.seq), device="cuda", generator=g)
+        torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            loss = step_loss(ids)
+        loss.backward()
+        parts["gradients"] = _bytes(p.grad for p in lora if p.grad is not None)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        torch.cuda.synchronize()
+        step_times.append(time.perf_counter() - t0)
+        losses.append(loss.item())
+    peak = torch.cuda.max_memory_allocated()
+    # Paged optimizer state lives in CUDA unified memory, outside torch's allocator: counted apart.
+    parts["optimizer state (paged, not in peak)"] = _bytes(
+        v for state in optimizer.state.values() for v in state.values() if torch.is_tensor(v)
+    )
+    parts["activations and temporaries (peak - the rest)"] = peak - after_build - parts["gradients"]
+    step = sorted(step_times[1:])[len(step_times[1:]) // 2] if len(step_times) > 1 else step_times[0]
+    result = {
+        "side": side, "build_s": build_s, "step_s": step, "tokens_per_s": args.batch * args.seq / step,
+        "peak_allocated": peak, "peak_reserved": torch.cuda.max_memory_reserved(), "parts": parts, "losses": losses,
+    }  # fmt: skip
+    del model, optimizer, lora, frozen
+    return result
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--shape", default="llama-65b", choices=sorted(SHAPES))
+    parser.add_argument("--layers", type=int, help="override the number of decoder layers")
+    parser.add_argument("--seq", type=int, default=2048)
+    parser.add_argument("--batch", type=int, default=1)
+    parser.add_argument("--rank", type=int, default=64)
+    parser.add_argument("--steps", type=int, default=3)
+    parser.add_argument("--cap-gb", type=float, default=48.0, help="per-process GPU memory cap, GB")
+    parser.add_argument("--side", choices=["ours", "stock", "both"], default="ours")
+    parser.add_argument("--json")
+    args = parser.parse_args()
+    total = torch.cuda.get_device_properties(0).total_memory
+    torch.cuda.set_per_process_memory_fraction(min(1.0, args.cap_gb * 1e9 / total))
+    config = llama_config(args.shape, **({"num_hidden_layers": args.layers} if args.layers else {}))
+    results = {"device": torch.cuda.get_device_name(), "shape": args.shape, "layers": config.num_hidden_layers,
+               "seq": args.seq, "batch": args.batch, "rank": args.rank, "cap_gb": args.cap_gb, "sides": {}}  # fmt: skip
+    for side in (["stock", "ours"] if args.side == "both" else [args.side]):
+        try:
+            results["sides"][side] = run(side, config, args)
+        except torch.OutOfMemoryError as e:
+            results["sides"][side] = {"side": side, "error": "out of memory: " + str(e).splitlines()[0][:200]}
+    if args.json:
+        Path(args.json).write_text(json.dumps(results, indent=2))
+
+    gb = 1e-9
+    print(f"\n{args.shape} ({config.num_hidden_layers} layers), seq {args.seq}, batch {args.batch}, LoRA r={args.rank}, "
+          f"cap {args.cap_gb:.0f} GB, {results['device']}")  # fmt: skip
+    for side, r in results["sides"].items():
+        if "error" in r:
+            print(f"{side}: {r['error']}")
+            continue
+        print(f"{side}: peak allocated {r['peak_allocated'] * gb:.1f} GB, reserved {r['peak_reserved'] * gb:.1f} GB, "
+              f"{r['tokens_per_s']:.0f} tokens/s ({r['step_s']:.2f} s/step), built in {r['build_s']:.1f} s")  # fmt: skip
+        for part, size in r["parts"].items():
+            print(f"    {part:52}{size * gb:8.2f} GB")
+
+
+if __name__ == "__main__":
+    main()
