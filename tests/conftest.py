@@ -1,7 +1,9 @@
-"""Session-wide test setup."""
+"""Session-wide test setup and shared fixtures."""
 
+import json
 import os
 
+import pytest
 import torch
 
 # Without CUDA, Triton kernels run in Triton's interpreter on the CPU. Triton reads
@@ -9,3 +11,55 @@ import torch
 # so it is set here, before any test module is imported.
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory):
+    """A 2-layer Llama with random weights and SmolLM2's tokenizer (chat template included)."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from qlora_kit.model.sources import load_tokenizer, resolve_source
+
+    path = tmp_path_factory.mktemp("tiny-llama")
+    tokenizer = load_tokenizer(resolve_source("smollm2"))
+    torch.manual_seed(0)
+    config = LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                         num_key_value_heads=2, vocab_size=len(tokenizer), tie_word_embeddings=True,
+                         bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id)  # fmt: skip
+    LlamaForCausalLM(config).save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return path
+
+
+@pytest.fixture(scope="session")
+def task_files(tmp_path_factory):
+    """A trivially learnable chat task: answer every question with the same word."""
+    path = tmp_path_factory.mktemp("task")
+    rows = [{"messages": [{"role": "user", "content": f"Question {i}: say the word."},
+                          {"role": "assistant", "content": "banana"}]} for i in range(64)]  # fmt: skip
+    for name, part in (("train", rows[:48]), ("valid", rows[48:56]), ("test", rows[56:])):
+        (path / f"{name}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in part))
+    return path
+
+
+@pytest.fixture
+def make_recipe():
+    """make_recipe(dir, model_dir, task_dir, *overrides): a recipe training the tiny model on the trivial task."""
+    return _tiny_recipe
+
+
+def _tiny_recipe(tmp_path, model_dir, task, *overrides):
+    tmp_path.mkdir(parents=True, exist_ok=True)
+    recipe_file = tmp_path / "recipe.yaml"
+    recipe_file.write_text(
+        f"model: {{name_or_path: '{model_dir}'}}\n"
+        f"data: {{train: '{task}/train.jsonl', validation: '{task}/valid.jsonl', test: '{task}/test.jsonl', max_seq_len: 64}}\n"
+        "lora: {r: 8, alpha: 16}\n"
+        "training: {max_steps: 30, batch_size: 8, learning_rate: 3.0e-3, warmup_ratio: 0.0, logging_steps: 1, "
+        "save_steps: 10, gradient_checkpointing: true, lr_scheduler: constant}\n"
+        "eval: {max_new_tokens: 4}\n"
+        f"output: {{dir: '{tmp_path / 'out'}', report_to: tensorboard}}\n"
+    )
+    from qlora_kit.config import load_recipe
+
+    return load_recipe(recipe_file, list(overrides))

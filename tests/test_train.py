@@ -8,12 +8,11 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import load_file
-from transformers import LlamaConfig, LlamaForCausalLM
+from transformers import LlamaForCausalLM
 
 from qlora_kit.config import load_recipe
 from qlora_kit.model.adapters import ADAPTER_WEIGHTS, add_lora, lora_modules, peft_config, save_adapter
 from qlora_kit.model.load import load_quantized
-from qlora_kit.model.sources import load_tokenizer, resolve_source
 from qlora_kit.modules.nf4_linear import NF4Linear
 from qlora_kit.pipelines.train import OutputDirError, last_complete_checkpoint, train
 from qlora_kit.quant.nf4 import dequantize_nf4_reference
@@ -21,48 +20,8 @@ from qlora_kit.quant.nf4 import dequantize_nf4_reference
 ROOT = Path(__file__).resolve().parent.parent
 
 
-@pytest.fixture(scope="module")
-def tiny_model_dir(tmp_path_factory):
-    """A 2-layer Llama with random weights and SmolLM2's tokenizer (chat template included)."""
-    path = tmp_path_factory.mktemp("tiny-llama")
-    tokenizer = load_tokenizer(resolve_source("smollm2"))
-    torch.manual_seed(0)
-    config = LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-                         num_key_value_heads=2, vocab_size=len(tokenizer), tie_word_embeddings=True,
-                         bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id)  # fmt: skip
-    LlamaForCausalLM(config).save_pretrained(path)
-    tokenizer.save_pretrained(path)
-    return path
-
-
-@pytest.fixture(scope="module")
-def task_files(tmp_path_factory):
-    """A trivially learnable chat task: answer every question with the same word."""
-    path = tmp_path_factory.mktemp("task")
-    rows = [{"messages": [{"role": "user", "content": f"Question {i}: say the word."},
-                          {"role": "assistant", "content": "banana"}]} for i in range(64)]  # fmt: skip
-    for name, part in (("train", rows[:48]), ("valid", rows[48:56]), ("test", rows[56:])):
-        (path / f"{name}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in part))
-    return path
-
-
-def _recipe(tmp_path, model_dir, task, *overrides):
-    tmp_path.mkdir(parents=True, exist_ok=True)
-    recipe_file = tmp_path / "recipe.yaml"
-    recipe_file.write_text(
-        f"model: {{name_or_path: '{model_dir}'}}\n"
-        f"data: {{train: '{task}/train.jsonl', validation: '{task}/valid.jsonl', test: '{task}/test.jsonl', max_seq_len: 64}}\n"
-        "lora: {r: 8, alpha: 16}\n"
-        "training: {max_steps: 30, batch_size: 8, learning_rate: 3.0e-3, warmup_ratio: 0.0, logging_steps: 1, "
-        "save_steps: 10, gradient_checkpointing: true, lr_scheduler: constant}\n"
-        "eval: {max_new_tokens: 4}\n"
-        f"output: {{dir: '{tmp_path / 'out'}', report_to: tensorboard}}\n"
-    )
-    return load_recipe(recipe_file, list(overrides))
-
-
-def test_end_to_end_training_lowers_the_loss(tmp_path, tiny_model_dir, task_files):
-    recipe = _recipe(tmp_path, tiny_model_dir, task_files)
+def test_end_to_end_training_lowers_the_loss(tmp_path, tiny_model_dir, task_files, make_recipe):
+    recipe = make_recipe(tmp_path, tiny_model_dir, task_files)
     metrics = train(recipe)
     out = Path(recipe.output.dir)
     assert metrics["train_steps"] == 30
@@ -79,18 +38,18 @@ def test_end_to_end_training_lowers_the_loss(tmp_path, tiny_model_dir, task_file
         train(recipe)
 
 
-def test_resume_continues_exactly(tmp_path, tiny_model_dir, task_files):
+def test_resume_continues_exactly(tmp_path, tiny_model_dir, task_files, make_recipe):
     """4 steps + a kill + resume to 8 ends where 8 uninterrupted steps end; a half-written checkpoint is skipped."""
-    straight = _recipe(tmp_path / "a", tiny_model_dir, task_files, "training.max_steps=8", "training.save_steps=4")
+    straight = make_recipe(tmp_path / "a", tiny_model_dir, task_files, "training.max_steps=8", "training.save_steps=4")
     train(straight)
 
-    interrupted = _recipe(tmp_path / "b", tiny_model_dir, task_files, "training.max_steps=4", "training.save_steps=4")
+    interrupted = make_recipe(tmp_path / "b", tiny_model_dir, task_files, "training.max_steps=4", "training.save_steps=4")
     train(interrupted)
     out = Path(interrupted.output.dir)
     (out / "checkpoint-6").mkdir()  # a run killed while saving: no trainer_state.json
     (out / "checkpoint-6" / ADAPTER_WEIGHTS).write_bytes(b"partial")
     assert last_complete_checkpoint(out).name == "checkpoint-4"
-    resumed = _recipe(tmp_path / "b", tiny_model_dir, task_files, "training.max_steps=8", "training.save_steps=4",
+    resumed = make_recipe(tmp_path / "b", tiny_model_dir, task_files, "training.max_steps=8", "training.save_steps=4",
                       "training.resume=true")  # fmt: skip
     metrics = train(resumed)
     assert metrics["train_steps"] == 8
