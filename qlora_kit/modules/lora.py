@@ -1,4 +1,9 @@
-"""LoRA (Hu et al. 2021) on a frozen base linear: y = base(x) + scale * B(A(dropout(x)))."""
+"""LoRA (Hu et al. 2021) on a frozen base linear: y = base(x) + scale * B(A(dropout(x))).
+
+QAT mode (fake-quant, :mod:`qlora_kit.modules.fake_quant`): the adapter acts through the
+merged weight, rounded onto the deployment grid as the exporter will round it,
+y = fq(x) @ fq(W + scale * B @ A)^T + bias, with straight-through gradients to A and B.
+"""
 
 from __future__ import annotations
 
@@ -6,6 +11,10 @@ import math
 
 import torch
 from torch import nn
+
+from qlora_kit.modules.fake_quant import FakeQuantConfig, quantize_dequantize_activation, quantize_dequantize_weight
+from qlora_kit.modules.nf4_linear import NF4Linear
+from qlora_kit.quant.intq import group_count
 
 
 def lora_scale(r: int, alpha: float, use_rslora: bool = False) -> float:
@@ -36,13 +45,125 @@ class LoRALinear(nn.Module):
         self.lora_dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
         nn.init.kaiming_uniform_(self.lora_A.weight, a=math.sqrt(5))
         nn.init.zeros_(self.lora_B.weight)
+        # Set through enable_qat / set_qat_active; QAT runs when both are set.
+        self.qat: FakeQuantConfig | None = None
+        self.qat_active = False
 
     def delta_weight(self) -> torch.Tensor:
         """scale * B @ A in fp32: what a merge adds to the base weight."""
         return self.scaling * (self.lora_B.weight @ self.lora_A.weight)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.qat is not None and self.qat_active:
+            return self._qat_forward(x)
         y = self.base(x)
         a = self.lora_A.weight.to(x.dtype)
         b = self.lora_B.weight.to(x.dtype)
         return y + (self.lora_dropout(x) @ a.t() @ b.t()).to(y.dtype) * self.scaling
+
+    def _merged_weight(self, lora_a: torch.Tensor, lora_b: torch.Tensor) -> torch.Tensor:
+        """W + scale * B @ A in fp32, as a merge computes it (base + delta_weight()); no gradient."""
+        if isinstance(self.base, NF4Linear):
+            w = self.base.dequantized_weight(torch.float32)
+        else:
+            w = self.base.weight.detach().float()
+        return w + self.scaling * (lora_b @ lora_a)
+
+    def _qat_forward(self, x: torch.Tensor) -> torch.Tensor:
+        # The base is frozen: its weight gets no gradient, its (frozen) bias is added as usual.
+        dtype = self.base.compute_dtype if isinstance(self.base, NF4Linear) else self.base.weight.dtype
+        y = _QATLinear.apply(x.to(dtype), self.lora_A.weight, self.lora_B.weight, self, self.qat)
+        return y if self.base.bias is None else y + self.base.bias
+
+
+def _qat_input(x: torch.Tensor, cfg: FakeQuantConfig) -> torch.Tensor:
+    return x if cfg.activation_bits is None else quantize_dequantize_activation(x, cfg.activation_bits)
+
+
+class _QATLinear(torch.autograd.Function):
+    """y = fq(x) @ fq(W + scale * B @ A)^T, with straight-through gradients to x, A and B.
+
+    Saved for backward: x, A and B (the parameters themselves; x is usually held by the
+    graph already), and on ``ctx`` the layer, whose base weight stays packed. The merged
+    weight, its fake-quant and the pass mask are recomputed in backward, so no
+    weight-sized tensor outlives the forward. With M = mask * (g^T fq(x)), the gradient
+    reaching the merged weight through the STE: dB = scale * M A^T, dA = scale * B^T M,
+    dx = g fq(W') (the activation STE is the identity).
+
+    Autocast is off in both passes: it would compute B @ A in bf16, and the merged weight
+    must be the fp32 one the exporter rounds. The matmuls with x and the gradients run in
+    x's dtype (the base's compute dtype).
+    """
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, lora_a: torch.Tensor, lora_b: torch.Tensor,
+                layer: LoRALinear, cfg: FakeQuantConfig) -> torch.Tensor:  # fmt: skip
+        ctx.layer, ctx.cfg = layer, cfg
+        ctx.save_for_backward(x, lora_a, lora_b)
+        with torch.autocast(x.device.type, enabled=False):
+            w_q, _ = quantize_dequantize_weight(layer._merged_weight(lora_a, lora_b), cfg)
+            return _qat_input(x, cfg) @ w_q.to(x.dtype).t()
+
+    @staticmethod
+    def backward(ctx, grad_out: torch.Tensor):
+        with torch.autocast(grad_out.device.type, enabled=False):
+            return _QATLinear._backward(ctx, grad_out)
+
+    @staticmethod
+    def _backward(ctx, grad_out: torch.Tensor):
+        x, lora_a, lora_b = ctx.saved_tensors
+        cfg, scaling = ctx.cfg, ctx.layer.scaling
+        w_q, keep = quantize_dequantize_weight(ctx.layer._merged_weight(lora_a, lora_b), cfg)
+        dtype = grad_out.dtype
+        grad_x = grad_out @ w_q.to(dtype) if ctx.needs_input_grad[0] else None
+        g = grad_out.reshape(-1, grad_out.shape[-1])  # [tokens, out]
+        xq = _qat_input(x, cfg).reshape(-1, x.shape[-1])  # [tokens, in]
+        a, b = lora_a.to(dtype), lora_b.to(dtype)
+        if keep is None:
+            # Nothing clipped, so g^T xq reaches A and B unmasked: factor it through the
+            # rank r instead of forming the [out, in] weight gradient.
+            grad_b = scaling * (g.t() @ (xq @ a.t()))
+            grad_a = scaling * ((g @ b).t() @ xq)
+        else:
+            grad_w = (g.t() @ xq) * keep
+            grad_b = scaling * (grad_w @ a.t())
+            grad_a = scaling * (b.t() @ grad_w)
+        return grad_x, grad_a.to(lora_a.dtype), grad_b.to(lora_b.dtype), None, None
+
+
+def _lora_layers(model: nn.Module) -> dict[str, LoRALinear]:
+    return {name: m for name, m in model.named_modules() if isinstance(m, LoRALinear)}
+
+
+def enable_qat(model: nn.Module, cfg: FakeQuantConfig | None, active: bool = True) -> list[str]:
+    """Put fake-quant config ``cfg`` on every LoRALinear of ``model`` (None: QAT off).
+
+    ``active`` is the start-step switch (see :func:`set_qat_active`). Returns the module
+    paths set. Raises ValueError, naming the layer, for a group_size that does not divide
+    its in_features, or for LoRA dropout: in QAT mode the adapter acts through the merged
+    weight, where there is no separate branch to drop out.
+    """
+    layers = _lora_layers(model)
+    if cfg is not None:
+        for name, m in layers.items():
+            if not isinstance(m.lora_dropout, nn.Identity):
+                raise ValueError(f"{name}: LoRA dropout cannot be used with QAT (set lora.dropout to 0)")
+            if cfg.format == "int":
+                try:
+                    group_count(m.in_features, cfg.group_size)
+                except ValueError as e:
+                    raise ValueError(f"{name}: qat.{e}") from None
+    for m in layers.values():
+        m.qat, m.qat_active = cfg, active and cfg is not None
+    return list(layers)
+
+
+def set_qat_active(model: nn.Module, active: bool) -> None:
+    """Switch fake-quant on or off on every LoRALinear of ``model`` (e.g. at qat.start_step).
+
+    Raises ValueError when switching on a layer that :func:`enable_qat` has not configured.
+    """
+    for name, m in _lora_layers(model).items():
+        if active and m.qat is None:
+            raise ValueError(f"{name}: no QAT config; call enable_qat(model, cfg) first")
+        m.qat_active = active
