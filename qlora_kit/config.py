@@ -103,6 +103,8 @@ class TrainingSection:
     max_grad_norm: float = 0.3
     optimizer: str = "paged_adamw_8bit"
     gradient_checkpointing: bool = True
+    # Fused Triton RMSNorm / SwiGLU / RoPE on CUDA (qlora_kit.model.fused); plain torch elsewhere.
+    fused_kernels: bool = True
     seed: int = 42
     logging_steps: int = 10
     eval_steps: Optional[int] = None
