@@ -368,6 +368,10 @@ def _validate(recipe: Recipe, where: Callable[[str], str]) -> None:
         if not ok(get(key)):
             raise RecipeError(f"{where(key)}: invalid value {get(key)!r} for '{key}' — "
                               f"must be {expected}")
+    if recipe.qat.enabled and recipe.lora.dropout > 0:
+        raise RecipeError(f"{where('lora.dropout')}: invalid value {recipe.lora.dropout!r} for 'lora.dropout' — "
+                          "QAT trains the adapters through the merged weight, where there is no branch to drop "
+                          "out: set lora.dropout to 0 or qat.enabled to false")
     if recipe.qat.format == "nf4" and recipe.qat.bits != 4:
         raise RecipeError(f"{where('qat.bits')}: invalid value {recipe.qat.bits!r} for "
                           "'qat.bits' — qat.format nf4 is a 4-bit format, so bits must be 4")

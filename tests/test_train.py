@@ -115,3 +115,38 @@ def test_cli_bad_data_row_names_file_and_row(tmp_path, tiny_model_dir):
     assert result.returncode == 2, result.stderr[-2000:]
     assert "row 2" in result.stderr and str(data) in result.stderr
     assert "Traceback" not in result.stderr
+
+
+def test_qat_run_switches_on_at_start_step(tmp_path, tiny_model_dir, task_files, make_recipe):
+    from qlora_kit.modules.lora import LoRALinear
+
+    recipe = make_recipe(tmp_path, tiny_model_dir, task_files, "qat.enabled=true", "qat.group_size=32",
+                         "qat.start_step=5", "training.max_steps=10", "data.test=null")  # fmt: skip
+    modes = []  # per forward of the first LoRA layer called: was fake-quant on?
+    original = LoRALinear.forward
+
+    def spy(self, x):
+        if not modes or modes[0][0] is self:
+            modes.append((self, self.qat_active))
+        return original(self, x)
+
+    LoRALinear.forward = spy
+    try:
+        metrics = train(recipe)
+    finally:
+        LoRALinear.forward = original
+    flags = [active for _, active in modes]
+    switch = flags.index(True)
+    assert not any(flags[:switch]) and all(flags[switch:])  # off, then on for good
+    assert switch > 0 and len(flags) - switch > 5  # plain LoRA before step 5, QAT for steps 5-9 and after
+    assert metrics["after"]["val_loss"] < metrics["before"]["val_loss"]
+
+
+def test_qat_recipe_errors(tmp_path, tiny_model_dir, task_files, make_recipe):
+    from qlora_kit.config import RecipeError
+
+    with pytest.raises(RecipeError, match="lora.dropout"):
+        make_recipe(tmp_path / "a", tiny_model_dir, task_files, "qat.enabled=true", "lora.dropout=0.1")
+    recipe = make_recipe(tmp_path / "b", tiny_model_dir, task_files, "qat.enabled=true", "qat.group_size=48")
+    with pytest.raises(RecipeError, match=r"qat: model\.layers\.0\..*group_size"):
+        train(recipe)

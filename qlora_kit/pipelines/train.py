@@ -15,7 +15,7 @@ from pathlib import Path
 
 import torch
 
-from qlora_kit.config import Recipe, save_recipe
+from qlora_kit.config import Recipe, RecipeError, save_recipe
 from qlora_kit.data import DataCollator, SFTData, build_datasets
 from qlora_kit.errors import UserInputError
 from qlora_kit.model.adapters import (
@@ -26,9 +26,12 @@ from qlora_kit.model.adapters import (
     peft_config,
     save_adapter,
 )
+from qlora_kit.model.fused import use_fused_ops
 from qlora_kit.model.load import load_quantized, resolve_compute_dtype
 from qlora_kit.model.sft import SFTModel
 from qlora_kit.model.sources import load_tokenizer, resolve_source
+from qlora_kit.modules.fake_quant import FakeQuantConfig
+from qlora_kit.modules.lora import enable_qat, set_qat_active
 from qlora_kit.pipelines.evaluate import exact_match_accuracy
 
 log = logging.getLogger("qlora_kit")
@@ -85,6 +88,29 @@ def optimizer_name(name: str, device: torch.device) -> str:
         log.info("optimizer %s needs CUDA; using torch AdamW on %s", name, device.type)
         return "adamw_torch"
     return "adamw_torch" if name == "adamw" else name
+
+
+def setup_qat(lm, recipe: Recipe) -> list:
+    """Put the recipe's fake-quant on every LoRA layer; returns the Trainer callbacks it needs."""
+    from transformers import TrainerCallback
+
+    q = recipe.qat
+    cfg = FakeQuantConfig(q.format, q.bits, q.group_size, q.symmetric, q.activation_bits)
+    try:
+        enable_qat(lm, cfg, active=q.start_step == 0)
+    except ValueError as e:  # e.g. a group size that does not divide a layer's input size
+        raise RecipeError(f"qat: {e}") from None
+    log.info("QAT: %s%d%s, group size %d, from step %d", q.format, q.bits, " symmetric" if q.symmetric else "",
+             q.group_size, q.start_step)  # fmt: skip
+
+    class StartQAT(TrainerCallback):
+        """Switches fake-quant on at qat.start_step (also when resuming past it)."""
+
+        def on_step_begin(self, args, state, control, **kwargs):
+            if state.global_step >= q.start_step:
+                set_qat_active(lm, True)
+
+    return [StartQAT()] if q.start_step > 0 else []
 
 
 def _trainer_class():
@@ -202,6 +228,9 @@ def train(recipe: Recipe) -> dict:
                         kernel=recipe.quantization.kernel, progress=state.is_main_process)  # fmt: skip
     lora = recipe.lora
     add_lora(lm, lora.r, lora.alpha, lora.dropout, lora.target_modules, lora.use_rslora)
+    callbacks = setup_qat(lm, recipe) if recipe.qat.enabled else []
+    if recipe.training.fused_kernels:
+        use_fused_ops(lm)
     lm.config.use_cache = False
     if recipe.training.gradient_checkpointing:
         lm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
@@ -216,6 +245,7 @@ def train(recipe: Recipe) -> dict:
         eval_dataset=data.validation,
         data_collator=DataCollator(tokenizer),
         processing_class=tokenizer,
+        callbacks=callbacks,
         adapter_config=adapter_config,
     )
 
