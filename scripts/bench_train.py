@@ -16,6 +16,7 @@ matmul rate measured in the same run.
 
     python scripts/bench_train.py --seq 2048 --batch 4 --rank 16
     python scripts/bench_train.py --seq 8192 --batch 1 --side ours --json out.json
+    python scripts/bench_train.py --side stock,ours-unfused,ours,ours-qat
 """
 
 from __future__ import annotations
@@ -44,12 +45,19 @@ def matmul_tflops() -> float:
     return 10 * 2 * 8192**3 / (time.perf_counter() - start) / 1e12
 
 
-def build_ours(config, rank: int, checkpointing: bool):
+def build_ours(config, rank: int, checkpointing: bool, fused: bool = True, qat: bool = False):
     from qlora_kit.model.adapters import add_lora
+    from qlora_kit.model.fused import use_fused_ops
     from qlora_kit.model.sft import SFTModel
+    from qlora_kit.modules.fake_quant import FakeQuantConfig
+    from qlora_kit.modules.lora import enable_qat
 
     lm = build_random_quantized(config, "cuda", torch.bfloat16, progress=False)
     add_lora(lm, rank, 2 * rank)
+    if qat:
+        enable_qat(lm, FakeQuantConfig("int", 4, 128, True))
+    if fused:
+        use_fused_ops(lm)
     lm.config.use_cache = False
     if checkpointing:
         lm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
@@ -97,8 +105,11 @@ def run_side(side: str, config, args) -> dict:
 
     torch.cuda.empty_cache()
     torch.cuda.reset_peak_memory_stats()
-    build = build_ours if side == "ours" else build_stock
-    model, step_loss = build(config, args.rank, not args.no_checkpointing)
+    if side == "stock":
+        model, step_loss = build_stock(config, args.rank, not args.no_checkpointing)
+    else:
+        model, step_loss = build_ours(config, args.rank, not args.no_checkpointing, fused=side != "ours-unfused",
+                                      qat=side == "ours-qat")  # fmt: skip
     weights_bytes = torch.cuda.memory_allocated()
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = bnb.optim.PagedAdamW8bit(params, lr=1e-4)
@@ -168,14 +179,19 @@ def main() -> None:
     parser.add_argument("--rank", type=int, default=16)
     parser.add_argument("--steps", type=int, default=5)
     parser.add_argument("--warmup", type=int, default=2)
-    parser.add_argument("--side", choices=["both", "ours", "stock"], default="both")
+    parser.add_argument("--side", default="both",
+                        help="comma-separated: stock, ours, ours-unfused (no fused kernels), ours-qat (int4 g128 QAT); "
+                             "both = stock,ours")  # fmt: skip
     parser.add_argument("--no-checkpointing", action="store_true")
     parser.add_argument("--profile", help="write a torch.profiler table of one timed step to this file")
     parser.add_argument("--json")
     args = parser.parse_args()
     config = llama_config(args.shape, **({"num_hidden_layers": args.layers} if args.layers else {}))
     peak_tflops = matmul_tflops()
-    sides = ["stock", "ours"] if args.side == "both" else [args.side]
+    sides = ["stock", "ours"] if args.side == "both" else args.side.split(",")
+    unknown = set(sides) - {"stock", "ours", "ours-unfused", "ours-qat"}
+    if unknown:
+        parser.error(f"unknown --side {sorted(unknown)}")
     results = {"device": torch.cuda.get_device_name(), "shape": args.shape, "layers": config.num_hidden_layers,
                "seq": args.seq, "batch": args.batch, "rank": args.rank, "matmul_tflops": peak_tflops, "sides": {}}  # fmt: skip
     for side in sides:
@@ -193,17 +209,21 @@ def main() -> None:
     gib = 1 / 2**30
     print(f"\n{args.shape} ({config.num_hidden_layers} layers), seq {args.seq}, batch {args.batch}, LoRA r={args.rank}, "
           f"{results['device']}, bf16 matmul {peak_tflops:.0f} TFLOP/s")  # fmt: skip
-    print(f"{'':8}{'s/step':>9}{'tokens/s':>10}{'peak GiB':>10}{'MFU':>7}   losses")
+    print(f"{'':14}{'s/step':>9}{'tokens/s':>10}{'peak GiB':>10}{'MFU':>7}   losses")
     for side, r in results["sides"].items():
         if "error" in r:
-            print(f"{side:8}{r['error']}")
+            print(f"{side:14}{r['error']}")
             continue
-        print(f"{side:8}{r['step_s']:9.3f}{r['tokens_per_s']:10.0f}{r['peak_allocated'] * gib:10.2f}{r['mfu']:7.1%}   "
+        print(f"{side:14}{r['step_s']:9.3f}{r['tokens_per_s']:10.0f}{r['peak_allocated'] * gib:10.2f}{r['mfu']:7.1%}   "
               + " ".join(f"{x:.3f}" for x in r["losses"][:3]))  # fmt: skip
-    if len(results["sides"]) == 2 and all("error" not in r for r in results["sides"].values()):
-        ours, stock = results["sides"]["ours"], results["sides"]["stock"]
-        print(f"ours/stock: tokens/s {ours['tokens_per_s'] / stock['tokens_per_s']:.2f}x, "
-              f"peak memory {ours['peak_allocated'] / stock['peak_allocated']:.2f}x")  # fmt: skip
+    stock = results["sides"].get("stock", {})
+    for side, r in results["sides"].items():
+        if side != "stock" and "error" not in r and "error" not in stock and stock:
+            print(f"{side}/stock: tokens/s {r['tokens_per_s'] / stock['tokens_per_s']:.2f}x, "
+                  f"peak memory {r['peak_allocated'] / stock['peak_allocated']:.2f}x")  # fmt: skip
+    if "ours" in results["sides"] and "ours-qat" in results["sides"]:
+        ours, qat = results["sides"]["ours"], results["sides"]["ours-qat"]
+        print(f"QAT step-time overhead: {qat['step_s'] / ours['step_s'] - 1:+.1%}")
 
 
 if __name__ == "__main__":

@@ -85,3 +85,28 @@ def test_state_dict_round_trip():
 def test_rejects_non_2d_weight():
     with pytest.raises(ValueError, match="2-d"):
         NF4Linear(quantize_nf4(torch.randn(64)), None)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_fused_lora_path_equals_plain_lora(dtype):
+    """LoRA on an NF4 base (one fused autograd function) against base(x) + scale*B(A(x)) by autograd."""
+    torch.manual_seed(0)
+    base = NF4Linear(quantize_nf4(torch.randn(96, 128) / 11), torch.randn(96), compute_dtype=dtype)
+    lora = LoRALinear(base, r=8, alpha=16)
+    torch.nn.init.normal_(lora.lora_B.weight, std=0.1)
+    x = torch.randn(3, 5, 128, dtype=dtype, requires_grad=True)
+    g = torch.randn(3, 5, 96, dtype=dtype)
+
+    lora(x).backward(g)
+    fused = (x.grad.clone(), lora.lora_A.weight.grad.clone(), lora.lora_B.weight.grad.clone())
+
+    x.grad = None
+    lora.zero_grad()
+    w = dequantize_nf4_reference(base.nf4_weight).to(dtype)
+    a, b = lora.lora_A.weight, lora.lora_B.weight
+    plain = x @ w.t() + base.bias + ((x @ a.to(dtype).t()) @ b.to(dtype).t()) * lora.scaling
+    plain.backward(g)
+    tol = dict(rtol=1e-5, atol=1e-5) if dtype == torch.float32 else dict(rtol=2e-2, atol=2e-2)
+    assert torch.allclose(lora(x).detach(), plain.detach(), **tol)
+    for ours, ref in zip(fused, (x.grad, a.grad, b.grad)):
+        assert torch.allclose(ours, ref, **tol)

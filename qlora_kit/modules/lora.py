@@ -56,6 +56,10 @@ class LoRALinear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.qat is not None and self.qat_active:
             return self._qat_forward(x)
+        if isinstance(self.base, NF4Linear) and isinstance(self.lora_dropout, nn.Identity):
+            x = x.to(self.base.compute_dtype)
+            y = _LoRANF4MatMul.apply(x, self.lora_A.weight, self.lora_B.weight, self.base, self.scaling)
+            return y if self.base.bias is None else y + self.base.bias
         y = self.base(x)
         a = self.lora_A.weight.to(x.dtype)
         b = self.lora_B.weight.to(x.dtype)
@@ -74,6 +78,41 @@ class LoRALinear(nn.Module):
         dtype = self.base.compute_dtype if isinstance(self.base, NF4Linear) else self.base.weight.dtype
         y = _QATLinear.apply(x.to(dtype), self.lora_A.weight, self.lora_B.weight, self, self.qat)
         return y if self.base.bias is None else y + self.base.bias
+
+
+class _LoRANF4MatMul(torch.autograd.Function):
+    """y = x @ W^T + scale * (x @ A^T) @ B^T for a frozen NF4 weight W, in two GEMMs and a rank-r one.
+
+    The low-rank product is accumulated into the base GEMM's output in place (addmm with
+    beta=1) instead of as separate scale and add passes over [tokens, out]; backward does
+    the same for grad_x. Saved: x and t = x @ A^T (what plain LoRA's autograd saves too),
+    A and B; the NF4 weight stays packed on ``ctx`` and is dequantized again in backward.
+    """
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, lora_a: torch.Tensor, lora_b: torch.Tensor, base: NF4Linear,
+                scaling: float) -> torch.Tensor:  # fmt: skip
+        x2 = x.reshape(-1, x.shape[-1])
+        a, b = lora_a.to(x.dtype), lora_b.to(x.dtype)
+        t = x2 @ a.t()
+        y = x2 @ base.dequantized_weight(x.dtype).t()
+        y.addmm_(t, b.t(), alpha=scaling)
+        ctx.base, ctx.scaling = base, scaling
+        ctx.save_for_backward(x, t, lora_a, lora_b)
+        return y.view(*x.shape[:-1], y.shape[-1])
+
+    @staticmethod
+    def backward(ctx, grad_out: torch.Tensor):
+        x, t, lora_a, lora_b = ctx.saved_tensors
+        g = grad_out.reshape(-1, grad_out.shape[-1])
+        x2 = x.reshape(-1, x.shape[-1])
+        a, b = lora_a.to(g.dtype), lora_b.to(g.dtype)
+        gb = g @ b  # [tokens, r]
+        grad_x = g @ ctx.base.dequantized_weight(g.dtype)
+        grad_x.addmm_(gb, a, alpha=ctx.scaling)
+        grad_a = (gb.t() @ x2).mul_(ctx.scaling)
+        grad_b = (g.t() @ t.to(g.dtype)).mul_(ctx.scaling)
+        return grad_x.view_as(x), grad_a.to(lora_a.dtype), grad_b.to(lora_b.dtype), None, None
 
 
 def _qat_input(x: torch.Tensor, cfg: FakeQuantConfig) -> torch.Tensor:
