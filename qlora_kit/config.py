@@ -105,6 +105,10 @@ class TrainingSection:
     gradient_checkpointing: bool = True
     # Fused Triton RMSNorm / SwiGLU / RoPE on CUDA (qlora_kit.model.fused); plain torch elsewhere.
     fused_kernels: bool = True
+    # Memory levers for models near the GPU's size (see qlora_kit/model/offload.py, pipelines/optim.py).
+    optimizer_in_backward: bool = False
+    offload_activations: bool = False
+    offload_embeddings: bool = False
     seed: int = 42
     logging_steps: int = 10
     eval_steps: Optional[int] = None
@@ -368,6 +372,13 @@ def _validate(recipe: Recipe, where: Callable[[str], str]) -> None:
         if not ok(get(key)):
             raise RecipeError(f"{where(key)}: invalid value {get(key)!r} for '{key}' — "
                               f"must be {expected}")
+    t = recipe.training
+    if t.optimizer_in_backward and t.gradient_accumulation_steps != 1:
+        raise RecipeError(f"{where('training.optimizer_in_backward')}: training.optimizer_in_backward steps on every "
+                          "micro-batch, so training.gradient_accumulation_steps must be 1")
+    if t.offload_activations and not t.gradient_checkpointing:
+        raise RecipeError(f"{where('training.offload_activations')}: training.offload_activations offloads the "
+                          "checkpoints of gradient checkpointing: set training.gradient_checkpointing=true")
     if recipe.qat.enabled and recipe.lora.dropout > 0:
         raise RecipeError(f"{where('lora.dropout')}: invalid value {recipe.lora.dropout!r} for 'lora.dropout' — "
                           "QAT trains the adapters through the merged weight, where there is no branch to drop "

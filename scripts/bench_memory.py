@@ -7,8 +7,13 @@ linear layers (the QLoRA paper's setting), bitsandbytes' PagedAdamW8bit, non-ree
 gradient checkpointing, seq 2048, batch 1, at least 3 optimizer steps. `--side stock`
 runs transformers + peft + bitsandbytes the same way (see bench_train.py).
 
+Sides: `stock`; `ours-plain` (our stack, no memory levers); `ours` (the levers of a
+recipe's training.optimizer_in_backward, offload_activations and offload_embeddings: the
+optimizer steps inside backward so the LoRA gradients never coexist, checkpointed layer
+inputs and the input embedding table live in CPU memory).
+
     python scripts/bench_memory.py                                   # LLaMA-65B shape, ours
-    python scripts/bench_memory.py --side both --json mem.json
+    python scripts/bench_memory.py --side stock,ours-plain,ours --json mem.json
     python scripts/bench_memory.py --shape llama-2-70b --seq 4096    # the stretch target
 """
 
@@ -38,13 +43,22 @@ def run(side: str, config, args) -> dict:
     torch.cuda.empty_cache()
     torch.cuda.reset_peak_memory_stats()
     start = time.perf_counter()
-    model, step_loss = (build_ours if side == "ours" else build_stock)(config, args.rank, True)
+    if side == "stock":
+        model, step_loss = build_stock(config, args.rank, True)
+    else:
+        model, step_loss = build_ours(config, args.rank, True, offload=side == "ours")
     torch.cuda.synchronize()
     build_s = time.perf_counter() - start
     lora = [p for p in model.parameters() if p.requires_grad]
-    frozen = [t for t in [*model.parameters(), *model.buffers()] if not t.requires_grad]
+    frozen = [t for t in [*model.parameters(), *model.buffers()] if not t.requires_grad and t.is_cuda]
     parts = {"frozen weights (NF4 + constants, embeddings, norms)": _bytes(frozen), "LoRA weights": _bytes(lora)}
-    optimizer = bnb.optim.PagedAdamW8bit(lora, lr=1e-4)
+    if side == "ours":
+        from qlora_kit.pipelines.optim import optimizer_in_backward
+
+        # One optimizer per LoRA tensor, each stepped by a hook inside backward.
+        optimizers = list(optimizer_in_backward(model, "paged_adamw_8bit", 1e-4, 0.0).optimizer_dict.values())
+    else:
+        optimizers = [bnb.optim.PagedAdamW8bit(lora, lr=1e-4)]
     g = torch.Generator("cuda").manual_seed(1)
     step_times, losses = [], []
     after_build = torch.cuda.memory_allocated()
@@ -56,24 +70,25 @@ def run(side: str, config, args) -> dict:
         with torch.autocast("cuda", dtype=torch.bfloat16):
             loss = step_loss(ids)
         loss.backward()
-        parts["gradients"] = _bytes(p.grad for p in lora if p.grad is not None)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
+        parts["gradients (left after backward)"] = _bytes(p.grad for p in lora if p.grad is not None)
+        if side != "ours":
+            optimizers[0].step()
+            optimizers[0].zero_grad(set_to_none=True)
         torch.cuda.synchronize()
         step_times.append(time.perf_counter() - t0)
         losses.append(loss.item())
     peak = torch.cuda.max_memory_allocated()
     # Paged optimizer state lives in CUDA unified memory, outside torch's allocator: counted apart.
     parts["optimizer state (paged, not in peak)"] = _bytes(
-        v for state in optimizer.state.values() for v in state.values() if torch.is_tensor(v)
+        v for opt in optimizers for state in opt.state.values() for v in state.values() if torch.is_tensor(v)
     )
-    parts["activations and temporaries (peak - the rest)"] = peak - after_build - parts["gradients"]
+    parts["activations, gradients in flight, temporaries (peak - weights)"] = peak - after_build
     step = sorted(step_times[1:])[len(step_times[1:]) // 2] if len(step_times) > 1 else step_times[0]
     result = {
         "side": side, "build_s": build_s, "step_s": step, "tokens_per_s": args.batch * args.seq / step,
         "peak_allocated": peak, "peak_reserved": torch.cuda.max_memory_reserved(), "parts": parts, "losses": losses,
     }  # fmt: skip
-    del model, optimizer, lora, frozen
+    del model, optimizers, lora, frozen
     return result
 
 
@@ -86,7 +101,7 @@ def main() -> None:
     parser.add_argument("--rank", type=int, default=64)
     parser.add_argument("--steps", type=int, default=3)
     parser.add_argument("--cap-gb", type=float, default=48.0, help="per-process GPU memory cap, GB")
-    parser.add_argument("--side", choices=["ours", "stock", "both"], default="ours")
+    parser.add_argument("--side", default="ours", help="comma-separated: stock, ours-plain, ours")
     parser.add_argument("--json")
     args = parser.parse_args()
     total = torch.cuda.get_device_properties(0).total_memory
@@ -94,7 +109,10 @@ def main() -> None:
     config = llama_config(args.shape, **({"num_hidden_layers": args.layers} if args.layers else {}))
     results = {"device": torch.cuda.get_device_name(), "shape": args.shape, "layers": config.num_hidden_layers,
                "seq": args.seq, "batch": args.batch, "rank": args.rank, "cap_gb": args.cap_gb, "sides": {}}  # fmt: skip
-    for side in (["stock", "ours"] if args.side == "both" else [args.side]):
+    sides = args.side.split(",")
+    if set(sides) - {"stock", "ours-plain", "ours"}:
+        parser.error(f"unknown --side {args.side}")
+    for side in sides:
         try:
             results["sides"][side] = run(side, config, args)
         except torch.OutOfMemoryError as e:

@@ -45,7 +45,8 @@ def matmul_tflops() -> float:
     return 10 * 2 * 8192**3 / (time.perf_counter() - start) / 1e12
 
 
-def build_ours(config, rank: int, checkpointing: bool, fused: bool = True, qat: bool = False):
+def build_ours(config, rank: int, checkpointing: bool, fused: bool = True, qat: bool = False, offload: bool = False):
+    """Our stack; ``offload``: checkpoints and input embeddings in CPU memory (qlora_kit.model.offload)."""
     from qlora_kit.model.adapters import add_lora
     from qlora_kit.model.fused import use_fused_ops
     from qlora_kit.model.sft import SFTModel
@@ -61,6 +62,11 @@ def build_ours(config, rank: int, checkpointing: bool, fused: bool = True, qat: 
     lm.config.use_cache = False
     if checkpointing:
         lm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    if offload:
+        from qlora_kit.model.offload import offload_embeddings, use_offloaded_checkpointing
+
+        use_offloaded_checkpointing(lm)
+        offload_embeddings(lm)
     model = SFTModel(lm).train()
     return model, lambda ids: model(input_ids=ids, labels=ids)["loss"]
 

@@ -32,7 +32,9 @@ from qlora_kit.model.sft import SFTModel
 from qlora_kit.model.sources import load_tokenizer, resolve_source
 from qlora_kit.modules.fake_quant import FakeQuantConfig
 from qlora_kit.modules.lora import enable_qat, set_qat_active
+from qlora_kit.model.offload import offload_embeddings, use_offloaded_checkpointing
 from qlora_kit.pipelines.evaluate import exact_match_accuracy
+from qlora_kit.pipelines.optim import optimizer_in_backward, optimizer_name
 
 log = logging.getLogger("qlora_kit")
 
@@ -40,7 +42,6 @@ RECIPE_FILE = "recipe.yaml"
 METRICS_FILE = "metrics.json"
 LOSS_CURVE = "loss_curve.png"
 _CHECKPOINT_PREFIX = "checkpoint-"
-_PAGED = ("paged_adamw_8bit", "paged_adamw_32bit", "adamw_8bit")
 
 
 class OutputDirError(UserInputError):
@@ -80,14 +81,6 @@ def prepare_output_dir(recipe: Recipe) -> Path | None:
         for stale in [*out.glob(f"{_CHECKPOINT_PREFIX}*"), out / ADAPTER_WEIGHTS, out / ADAPTER_CONFIG]:
             shutil.rmtree(stale) if stale.is_dir() else stale.unlink(missing_ok=True)
     return None
-
-
-def optimizer_name(name: str, device: torch.device) -> str:
-    """The Trainer's optimizer: bitsandbytes' paged/8-bit AdamW on CUDA, torch AdamW elsewhere."""
-    if name in _PAGED and device.type != "cuda":
-        log.info("optimizer %s needs CUDA; using torch AdamW on %s", name, device.type)
-        return "adamw_torch"
-    return "adamw_torch" if name == "adamw" else name
 
 
 def setup_qat(lm, recipe: Recipe) -> list:
@@ -232,12 +225,26 @@ def train(recipe: Recipe) -> dict:
     if recipe.training.fused_kernels:
         use_fused_ops(lm)
     lm.config.use_cache = False
-    if recipe.training.gradient_checkpointing:
+    t = recipe.training
+    if t.gradient_checkpointing:
         lm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        if t.offload_activations:
+            use_offloaded_checkpointing(lm)
+    if t.offload_embeddings:
+        try:
+            offload_embeddings(lm)
+        except ValueError as e:
+            raise RecipeError(f"training.offload_embeddings: {e}") from None
     trainable = sum(p.numel() for p in lm.parameters() if p.requires_grad)
     log.info("LoRA r=%d on %s: %.2fM trainable parameters", lora.r, lora.target_modules, trainable / 1e6)
 
     adapter_config = peft_config(lm, lora.r, lora.alpha, lora.dropout, lora.use_rslora, recipe.model.name_or_path)
+    optimizers = (None, None)
+    if t.optimizer_in_backward:
+        if state.num_processes > 1:
+            raise RecipeError("training.optimizer_in_backward works in a single process: its hooks would step "
+                              "before the gradients of other processes are reduced")  # fmt: skip
+        optimizers = (optimizer_in_backward(lm, optimizer_name(t.optimizer, device), t.learning_rate, t.weight_decay), None)
     trainer = _trainer_class()(
         model=SFTModel(lm),
         args=training_arguments(recipe, device, compute_dtype, data.validation is not None),
@@ -246,6 +253,7 @@ def train(recipe: Recipe) -> dict:
         data_collator=DataCollator(tokenizer),
         processing_class=tokenizer,
         callbacks=callbacks,
+        optimizers=optimizers,
         adapter_config=adapter_config,
     )
 

@@ -1,0 +1,93 @@
+"""Memory levers for very large models: checkpoints offloaded to CPU memory, embeddings kept on the CPU.
+
+With gradient checkpointing, what stays on the GPU between forward and backward is each
+decoder layer's input ([batch, seq, hidden] per layer: 2.7 GB for a 65B model at seq
+2048). :func:`use_offloaded_checkpointing` copies those inputs to pinned CPU memory
+after the forward of each layer and back before its recomputation. The input embedding
+table is only read by index, so :func:`offload_embeddings` keeps it in CPU memory and
+sends the looked-up rows to the GPU.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+
+class _OffloadedCheckpoint(torch.autograd.Function):
+    """Recompute-in-backward (like reentrant checkpointing) with the layer input held in CPU memory.
+
+    The CUDA RNG state and the autocast settings of the forward are restored for the
+    recomputation, so dropout and mixed precision recompute exactly what the forward saw.
+    """
+
+    @staticmethod
+    def forward(ctx, run, hidden: torch.Tensor, *args):
+        ctx.run, ctx.args, ctx.device = run, args, hidden.device
+        ctx.autocast = (torch.is_autocast_enabled(hidden.device.type), torch.get_autocast_dtype(hidden.device.type))
+        ctx.rng = torch.cuda.get_rng_state(hidden.device) if hidden.is_cuda else torch.get_rng_state()
+        ctx.hidden_cpu = torch.empty(hidden.shape, dtype=hidden.dtype, pin_memory=hidden.is_cuda)
+        ctx.hidden_cpu.copy_(hidden, non_blocking=True)
+        with torch.no_grad():
+            return run(hidden, *args)
+
+    @staticmethod
+    def backward(ctx, grad_out: torch.Tensor):
+        hidden = ctx.hidden_cpu.to(ctx.device, non_blocking=True).requires_grad_(True)
+        enabled, dtype = ctx.autocast
+        devices = [ctx.device] if ctx.device.type == "cuda" else []
+        with torch.random.fork_rng(devices=devices, device_type=ctx.device.type):
+            if ctx.device.type == "cuda":
+                torch.cuda.set_rng_state(ctx.rng, ctx.device)
+            else:
+                torch.set_rng_state(ctx.rng)
+            with torch.enable_grad(), torch.autocast(ctx.device.type, dtype=dtype, enabled=enabled):
+                out = ctx.run(hidden, *ctx.args)
+        torch.autograd.backward(out, grad_out)
+        return (None, hidden.grad) + (None,) * len(ctx.args)
+
+
+def offloaded_checkpoint(run, hidden: torch.Tensor, *args) -> torch.Tensor:
+    """A drop-in for transformers' ``_gradient_checkpointing_func(run, hidden, *args)``."""
+    if not hidden.requires_grad:
+        # The first layer's input comes from frozen embeddings: without a grad-requiring
+        # input, autograd would never call backward and its LoRA weights would get no gradient.
+        hidden = hidden.detach().requires_grad_(True)
+    return _OffloadedCheckpoint.apply(run, hidden, *args)
+
+
+def use_offloaded_checkpointing(model: nn.Module) -> int:
+    """Checkpoint every decoder layer with its input offloaded to CPU memory; returns the layer count.
+
+    Call after ``gradient_checkpointing_enable``; it replaces the checkpoint function that
+    transformers set on each layer.
+    """
+    layers = [m for m in model.modules() if getattr(m, "gradient_checkpointing", False)]
+    if not layers:
+        raise ValueError("offloaded checkpointing needs gradient checkpointing: enable it first")
+    for layer in layers:
+        layer._gradient_checkpointing_func = offloaded_checkpoint
+    return len(layers)
+
+
+class CPUEmbedding(nn.Module):
+    """A frozen embedding table in CPU memory; the looked-up rows go to ``device``."""
+
+    def __init__(self, embedding: nn.Embedding, device: torch.device) -> None:
+        super().__init__()
+        # A plain attribute, not a parameter: .to(device) on the model must not move it back.
+        self.weight_cpu = embedding.weight.detach().to("cpu").pin_memory() if device.type == "cuda" else embedding.weight.detach().cpu()
+        self.padding_idx, self.device = embedding.padding_idx, device
+        self.num_embeddings, self.embedding_dim = self.weight_cpu.shape
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        rows = nn.functional.embedding(ids.cpu(), self.weight_cpu, self.padding_idx)
+        return rows.to(self.device, non_blocking=True)
+
+
+def offload_embeddings(lm: nn.Module) -> None:
+    """Move the input embedding table of a causal LM to CPU memory (not when tied to the lm_head)."""
+    embed = lm.get_input_embeddings()
+    if embed.weight is lm.get_output_embeddings().weight:
+        raise ValueError("the input embeddings are tied to the lm_head, which needs them on the GPU: cannot offload")
+    lm.set_input_embeddings(CPUEmbedding(embed, embed.weight.device))
