@@ -101,7 +101,9 @@ def test_torch_path_matches_stock_model(model_type, fused_rotary_calls):
 def test_triton_path_matches_stock_model(fused_rotary_calls):
     stock = tiny_model("qwen3", seed=2)
     ours = use_fused_ops(copy.deepcopy(stock), kernel="triton")
-    assert_same_step(step(ours, seq=7), step(stock, seq=7), rtol=1e-4, atol=1e-5)
+    # On a GPU the fp32 reductions (and sdpa's kernels) run in a different order than on the CPU.
+    tol = dict(rtol=1e-3, atol=1e-4) if DEVICE.type == "cuda" else dict(rtol=1e-4, atol=1e-5)
+    assert_same_step(step(ours, seq=7), step(stock, seq=7), **tol)
     assert len(fused_rotary_calls) == 2 * LAYERS
 
 
