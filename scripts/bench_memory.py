@@ -55,8 +55,8 @@ def run(side: str, config, args) -> dict:
     if side == "ours":
         from qlora_kit.pipelines.optim import optimizer_in_backward
 
-        # One optimizer per LoRA tensor, each stepped by a hook inside backward.
-        optimizers = list(optimizer_in_backward(model, "paged_adamw_8bit", 1e-4, 0.0).optimizer_dict.values())
+        # One optimizer per decoder layer, each stepped by a gradient hook inside backward.
+        optimizers = list(optimizer_in_backward(model, "paged_adamw_8bit", 1e-4, 0.0)[0].optimizer_dict.values())
     else:
         optimizers = [bnb.optim.PagedAdamW8bit(lora, lr=1e-4)]
     g = torch.Generator("cuda").manual_seed(1)

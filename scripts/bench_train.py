@@ -45,8 +45,10 @@ def matmul_tflops() -> float:
     return 10 * 2 * 8192**3 / (time.perf_counter() - start) / 1e12
 
 
-def build_ours(config, rank: int, checkpointing: bool, fused: bool = True, qat: bool = False, offload: bool = False):
-    """Our stack; ``offload``: checkpoints and input embeddings in CPU memory (qlora_kit.model.offload)."""
+def build_ours(config, rank: int, checkpointing: bool, fused: bool = True, qat: bool = False, offload: bool = False,
+               uncheckpointed: int = 0):  # fmt: skip
+    """Our stack; ``offload``: checkpoints and input embeddings in CPU memory (qlora_kit.model.offload);
+    ``uncheckpointed``: the last layers keep their activations instead of recomputing them."""
     from qlora_kit.model.adapters import add_lora
     from qlora_kit.model.fused import use_fused_ops
     from qlora_kit.model.sft import SFTModel
@@ -62,6 +64,8 @@ def build_ours(config, rank: int, checkpointing: bool, fused: bool = True, qat: 
     lm.config.use_cache = False
     if checkpointing:
         lm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        for layer in lm.model.layers[len(lm.model.layers) - uncheckpointed :]:
+            layer.gradient_checkpointing = False
     if offload:
         from qlora_kit.model.offload import offload_embeddings, use_offloaded_checkpointing
 
@@ -115,7 +119,7 @@ def run_side(side: str, config, args) -> dict:
         model, step_loss = build_stock(config, args.rank, not args.no_checkpointing)
     else:
         model, step_loss = build_ours(config, args.rank, not args.no_checkpointing, fused=side != "ours-unfused",
-                                      qat=side == "ours-qat")  # fmt: skip
+                                      qat=side == "ours-qat", uncheckpointed=args.uncheckpointed)  # fmt: skip
     weights_bytes = torch.cuda.memory_allocated()
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = bnb.optim.PagedAdamW8bit(params, lr=1e-4)
@@ -189,6 +193,8 @@ def main() -> None:
                         help="comma-separated: stock, ours, ours-unfused (no fused kernels), ours-qat (int4 g128 QAT); "
                              "both = stock,ours")  # fmt: skip
     parser.add_argument("--no-checkpointing", action="store_true")
+    parser.add_argument("--uncheckpointed", type=int, default=0,
+                        help="ours: the last N decoder layers keep activations instead of recomputing them")  # fmt: skip
     parser.add_argument("--profile", help="write a torch.profiler table of one timed step to this file")
     parser.add_argument("--json")
     args = parser.parse_args()

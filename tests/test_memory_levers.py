@@ -42,7 +42,8 @@ def test_levers_give_the_same_adapters(tmp_path, untied_model_dir, task_files, m
     monkeypatch.setattr(offload._OffloadedCheckpoint, "backward", staticmethod(counted_backward))
     monkeypatch.setattr(offload.CPUEmbedding, "forward", counted_embed)
     common = ["training.max_steps=6", "training.max_grad_norm=0", "training.optimizer=adamw", "data.test=null",
-              "training.gradient_checkpointing=true"]  # fmt: skip
+              "training.gradient_checkpointing=true", "training.lr_scheduler=cosine",
+              "training.warmup_ratio=0.2"]  # fmt: skip
     plain = make_recipe(tmp_path / "plain", untied_model_dir, task_files, *common)
     levers = make_recipe(tmp_path / "levers", untied_model_dir, task_files, *common, "training.optimizer_in_backward=true",
                          "training.offload_activations=true", "training.offload_embeddings=true")  # fmt: skip

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import shutil
 from pathlib import Path
 
@@ -81,6 +82,15 @@ def prepare_output_dir(recipe: Recipe) -> Path | None:
         for stale in [*out.glob(f"{_CHECKPOINT_PREFIX}*"), out / ADAPTER_WEIGHTS, out / ADAPTER_CONFIG]:
             shutil.rmtree(stale) if stale.is_dir() else stale.unlink(missing_ok=True)
     return None
+
+
+def training_steps(recipe: Recipe, rows: int, processes: int) -> int:
+    """Optimizer steps of the run, as the Trainer counts them (for schedules built outside it)."""
+    t = recipe.training
+    if t.max_steps > 0:
+        return t.max_steps
+    batches = math.ceil(rows / (t.batch_size * processes))
+    return math.ceil(t.epochs * max(batches // t.gradient_accumulation_steps, 1))
 
 
 def setup_qat(lm, recipe: Recipe) -> list:
@@ -200,6 +210,7 @@ def save_loss_curve(log_history: list[dict], path: Path) -> None:
 def train(recipe: Recipe) -> dict:
     """Run a recipe end to end; returns the before/after metrics (also in ``metrics.json``)."""
     from accelerate import PartialState
+    from transformers import get_scheduler
 
     state = PartialState()
     resume_from = prepare_output_dir(recipe)
@@ -244,7 +255,10 @@ def train(recipe: Recipe) -> dict:
         if state.num_processes > 1:
             raise RecipeError("training.optimizer_in_backward works in a single process: its hooks would step "
                               "before the gradients of other processes are reduced")  # fmt: skip
-        optimizers = (optimizer_in_backward(lm, optimizer_name(t.optimizer, device), t.learning_rate, t.weight_decay), None)
+        steps = training_steps(recipe, len(data.train), state.num_processes)
+        optimizers = optimizer_in_backward(lm, optimizer_name(t.optimizer, device), t.learning_rate, t.weight_decay,
+                                           lambda opt: get_scheduler(t.lr_scheduler, opt, math.ceil(t.warmup_ratio * steps),
+                                                                     steps))  # fmt: skip
     trainer = _trainer_class()(
         model=SFTModel(lm),
         args=training_arguments(recipe, device, compute_dtype, data.validation is not None),
