@@ -105,6 +105,8 @@ class TrainingSection:
     gradient_checkpointing: bool = True
     # Fused Triton RMSNorm / SwiGLU / RoPE on CUDA (qlora_kit.model.fused); plain torch elsewhere.
     fused_kernels: bool = True
+    # The last N decoder layers keep their activations instead of recomputing them (speed for memory).
+    uncheckpointed_layers: int = 0
     # Memory levers for models near the GPU's size (see qlora_kit/model/offload.py, pipelines/optim.py).
     optimizer_in_backward: bool = False
     offload_activations: bool = False
@@ -183,7 +185,7 @@ _RANGES: dict[str, tuple[Callable[[Any], bool], str]] = {
                      "training.save_total_limit", "eval.max_new_tokens"), _POSITIVE),
     **dict.fromkeys(("training.eval_steps", "eval.max_test_examples"), _POSITIVE_OR_NULL),
     **dict.fromkeys(("lora.dropout", "data.validation_split", "training.warmup_ratio"), _FRACTION),
-    **dict.fromkeys(("qat.start_step", "training.weight_decay"), _NON_NEGATIVE),
+    **dict.fromkeys(("qat.start_step", "training.weight_decay", "training.uncheckpointed_layers"), _NON_NEGATIVE),
     "training.max_grad_norm": (lambda v: v >= 0, ">= 0 (0 disables clipping)"),
     "training.max_steps": (lambda v: v == -1 or v > 0, "-1 (use epochs) or > 0"),
     "qat.bits": (lambda v: 2 <= v <= 8, "in [2, 8]"),

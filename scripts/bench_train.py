@@ -64,7 +64,7 @@ def build_ours(config, rank: int, checkpointing: bool, fused: bool = True, qat: 
     lm.config.use_cache = False
     if checkpointing:
         lm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-        for layer in lm.model.layers[len(lm.model.layers) - uncheckpointed :]:
+        for layer in lm.model.layers[max(len(lm.model.layers) - uncheckpointed, 0) :]:
             layer.gradient_checkpointing = False
     if offload:
         from qlora_kit.model.offload import offload_embeddings, use_offloaded_checkpointing

@@ -14,7 +14,7 @@ def causal_lm_loss(
     input_ids: torch.Tensor,
     labels: torch.Tensor,
     num_items_in_batch: int | torch.Tensor | None = None,
-    chunk_tokens: int = 4096,
+    chunk_tokens: int = 1024,
     **model_inputs,
 ) -> torch.Tensor:
     """Sum of next-token NLL over positions whose label is set, divided by the label count.

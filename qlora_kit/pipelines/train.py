@@ -239,6 +239,8 @@ def train(recipe: Recipe) -> dict:
     t = recipe.training
     if t.gradient_checkpointing:
         lm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        for layer in lm.model.layers[max(len(lm.model.layers) - t.uncheckpointed_layers, 0) :]:
+            layer.gradient_checkpointing = False
         if t.offload_activations:
             use_offloaded_checkpointing(lm)
     if t.offload_embeddings:
