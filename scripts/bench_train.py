@@ -119,7 +119,8 @@ def run_side(side: str, config, args) -> dict:
         model, step_loss = build_stock(config, args.rank, not args.no_checkpointing)
     else:
         model, step_loss = build_ours(config, args.rank, not args.no_checkpointing, fused=side != "ours-unfused",
-                                      qat=side == "ours-qat", uncheckpointed=args.uncheckpointed)  # fmt: skip
+                                      qat=side == "ours-qat", offload=side == "ours-offload",
+                                      uncheckpointed=args.uncheckpointed)  # fmt: skip
     weights_bytes = torch.cuda.memory_allocated()
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = bnb.optim.PagedAdamW8bit(params, lr=1e-4)
@@ -190,8 +191,9 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=5)
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--side", default="both",
-                        help="comma-separated: stock, ours, ours-unfused (no fused kernels), ours-qat (int4 g128 QAT); "
-                             "both = stock,ours")  # fmt: skip
+                        help="comma-separated: stock, ours, ours-unfused (no fused kernels), ours-qat (int4 g128 QAT), "
+                             "ours-offload (checkpoints and embeddings in CPU memory); both = stock,ours")  # fmt: skip
+    parser.add_argument("--cap-gb", type=float, help="cap this process's GPU memory (GB), as for the long-context test")
     parser.add_argument("--no-checkpointing", action="store_true")
     parser.add_argument("--uncheckpointed", type=int, default=0,
                         help="ours: the last N decoder layers keep activations instead of recomputing them")  # fmt: skip
@@ -199,9 +201,11 @@ def main() -> None:
     parser.add_argument("--json")
     args = parser.parse_args()
     config = llama_config(args.shape, **({"num_hidden_layers": args.layers} if args.layers else {}))
+    if args.cap_gb:
+        torch.cuda.set_per_process_memory_fraction(min(1.0, args.cap_gb * 1e9 / torch.cuda.get_device_properties(0).total_memory))
     peak_tflops = matmul_tflops()
     sides = ["stock", "ours"] if args.side == "both" else args.side.split(",")
-    unknown = set(sides) - {"stock", "ours", "ours-unfused", "ours-qat"}
+    unknown = set(sides) - {"stock", "ours", "ours-unfused", "ours-qat", "ours-offload"}
     if unknown:
         parser.error(f"unknown --side {sorted(unknown)}")
     results = {"device": torch.cuda.get_device_name(), "shape": args.shape, "layers": config.num_hidden_layers,
