@@ -103,7 +103,7 @@ class TrainingSection:
     max_grad_norm: float = 0.3
     optimizer: str = "paged_adamw_8bit"
     gradient_checkpointing: bool = True
-    # Fused Triton RMSNorm / SwiGLU / RoPE on CUDA (qlora_kit.model.fused); plain torch elsewhere.
+    # The fast path (fused ops and LoRA, chunked loss); false: the plain PyTorch path.
     fused_kernels: bool = True
     # The last N decoder layers keep their activations instead of recomputing them (speed for memory).
     uncheckpointed_layers: int = 0

@@ -46,21 +46,25 @@ def matmul_tflops() -> float:
 
 
 def build_ours(config, rank: int, checkpointing: bool, fused: bool = True, qat: bool = False, offload: bool = False,
-               uncheckpointed: int = 0):  # fmt: skip
+               uncheckpointed: int = 0, plain: bool = False):  # fmt: skip
     """Our stack; ``offload``: checkpoints and input embeddings in CPU memory (qlora_kit.model.offload);
-    ``uncheckpointed``: the last layers keep their activations instead of recomputing them."""
-    from qlora_kit.model.adapters import add_lora
+    ``uncheckpointed``: the last layers keep their activations instead of recomputing them; ``plain``:
+    the plain PyTorch path of training.fused_kernels=false (stock ops, plain LoRA autograd, full logits)."""
+    from qlora_kit.model.adapters import add_lora, lora_modules
     from qlora_kit.model.fused import use_fused_ops
     from qlora_kit.model.sft import SFTModel
     from qlora_kit.modules.fake_quant import FakeQuantConfig
     from qlora_kit.modules.lora import enable_qat
 
     lm = build_random_quantized(config, "cuda", torch.bfloat16, progress=False)
+    torch.manual_seed(0)  # the same LoRA initialisation on every side of ours
     add_lora(lm, rank, 2 * rank)
     if qat:
         enable_qat(lm, FakeQuantConfig("int", 4, 128, True))
-    if fused:
+    if fused and not plain:
         use_fused_ops(lm)
+    for m in lora_modules(lm).values():
+        m.fused = not plain
     lm.config.use_cache = False
     if checkpointing:
         lm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
@@ -71,7 +75,7 @@ def build_ours(config, rank: int, checkpointing: bool, fused: bool = True, qat: 
 
         use_offloaded_checkpointing(lm)
         offload_embeddings(lm)
-    model = SFTModel(lm).train()
+    model = SFTModel(lm, chunked_loss=not plain).train()
     return model, lambda ids: model(input_ids=ids, labels=ids)["loss"]
 
 
@@ -120,13 +124,14 @@ def run_side(side: str, config, args) -> dict:
     else:
         model, step_loss = build_ours(config, args.rank, not args.no_checkpointing, fused=side != "ours-unfused",
                                       qat=side == "ours-qat", offload=side == "ours-offload",
-                                      uncheckpointed=args.uncheckpointed)  # fmt: skip
+                                      uncheckpointed=args.uncheckpointed, plain=side == "plain-path")  # fmt: skip
     weights_bytes = torch.cuda.memory_allocated()
     params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = bnb.optim.PagedAdamW8bit(params, lr=1e-4)
+    optimizer = bnb.optim.PagedAdamW8bit(params, lr=args.lr)
     g = torch.Generator("cuda").manual_seed(1)
     batches = [torch.randint(0, config.vocab_size, (args.batch, args.seq), device="cuda", generator=g)
-               for _ in range(args.warmup + args.steps)]  # fmt: skip
+               for _ in range(1 if args.same_batch else args.warmup + args.steps)]  # fmt: skip
+    batches = batches * (args.warmup + args.steps) if args.same_batch else batches
     losses, times = [], []
 
     def train_step(ids):
@@ -192,9 +197,12 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--side", default="both",
                         help="comma-separated: stock, ours, ours-unfused (no fused kernels), ours-qat (int4 g128 QAT), "
-                             "ours-offload (checkpoints and embeddings in CPU memory); both = stock,ours")  # fmt: skip
+                             "ours-offload (checkpoints and embeddings in CPU memory), plain-path (training.fused_kernels=false); "
+                             "both = stock,ours")  # fmt: skip
     parser.add_argument("--cap-gb", type=float, help="cap this process's GPU memory (GB), as for the long-context test")
     parser.add_argument("--no-checkpointing", action="store_true")
+    parser.add_argument("--same-batch", action="store_true", help="train on one batch throughout (a loss curve that falls)")
+    parser.add_argument("--lr", type=float, default=1e-4)
     parser.add_argument("--uncheckpointed", type=int, default=0,
                         help="ours: the last N decoder layers keep activations instead of recomputing them")  # fmt: skip
     parser.add_argument("--profile", help="write a torch.profiler table of one timed step to this file")
@@ -205,7 +213,7 @@ def main() -> None:
         torch.cuda.set_per_process_memory_fraction(min(1.0, args.cap_gb * 1e9 / torch.cuda.get_device_properties(0).total_memory))
     peak_tflops = matmul_tflops()
     sides = ["stock", "ours"] if args.side == "both" else args.side.split(",")
-    unknown = set(sides) - {"stock", "ours", "ours-unfused", "ours-qat", "ours-offload"}
+    unknown = set(sides) - {"stock", "ours", "ours-unfused", "ours-qat", "ours-offload", "plain-path"}
     if unknown:
         parser.error(f"unknown --side {sorted(unknown)}")
     results = {"device": torch.cuda.get_device_name(), "shape": args.shape, "layers": config.num_hidden_layers,
@@ -237,6 +245,10 @@ def main() -> None:
         if side != "stock" and "error" not in r and "error" not in stock and stock:
             print(f"{side}/stock: tokens/s {r['tokens_per_s'] / stock['tokens_per_s']:.2f}x, "
                   f"peak memory {r['peak_allocated'] / stock['peak_allocated']:.2f}x")  # fmt: skip
+    if "ours" in results["sides"] and "plain-path" in results["sides"]:
+        fast, plain = results["sides"]["ours"]["losses"], results["sides"]["plain-path"]["losses"]
+        print(f"loss curves over {len(fast)} steps, fast path vs plain path: max |difference| "
+              f"{max(abs(a - b) for a, b in zip(fast, plain)):.4f} (loss {plain[0]:.3f} -> {plain[-1]:.3f})")  # fmt: skip
     if "ours" in results["sides"] and "ours-qat" in results["sides"]:
         ours, qat = results["sides"]["ours"], results["sides"]["ours-qat"]
         print(f"QAT step-time overhead: {qat['step_s'] / ours['step_s'] - 1:+.1%}")

@@ -37,6 +37,18 @@ def causal_lm_loss(
     return total / count
 
 
+def plain_causal_lm_loss(
+    lm: nn.Module, input_ids: torch.Tensor, labels: torch.Tensor, num_items_in_batch=None, **model_inputs
+) -> torch.Tensor:
+    """The same loss through the model's full ``[batch, seq, vocab]`` logits (the reference for the chunked one)."""
+    logits = lm(input_ids=input_ids, use_cache=False, **model_inputs).logits[:, :-1].float()
+    targets = labels[:, 1:]
+    total = nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1),
+                                        ignore_index=IGNORE_INDEX, reduction="sum")  # fmt: skip
+    count = num_items_in_batch if num_items_in_batch is not None else (targets != IGNORE_INDEX).sum().clamp(min=1)
+    return total / count
+
+
 def _nll_sum(lm_head: nn.Module, hidden: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     return nn.functional.cross_entropy(lm_head(hidden).float(), targets, reduction="sum")
 
@@ -50,16 +62,17 @@ class SFTModel(nn.Module):
 
     accepts_loss_kwargs = True  # the Trainer then passes num_items_in_batch
 
-    def __init__(self, lm: nn.Module) -> None:
+    def __init__(self, lm: nn.Module, chunked_loss: bool = True) -> None:
         super().__init__()
         self.lm = lm
+        self.loss = causal_lm_loss if chunked_loss else plain_causal_lm_loss
 
     @property
     def config(self):
         return self.lm.config
 
     def forward(self, input_ids, labels, attention_mask=None, position_ids=None, use_cache=None, **kwargs) -> dict:
-        loss = causal_lm_loss(
+        loss = self.loss(
             self.lm, input_ids, labels, kwargs.get("num_items_in_batch"),
             attention_mask=attention_mask, position_ids=position_ids,
         )  # fmt: skip

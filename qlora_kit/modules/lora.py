@@ -45,6 +45,8 @@ class LoRALinear(nn.Module):
         self.lora_dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
         nn.init.kaiming_uniform_(self.lora_A.weight, a=math.sqrt(5))
         nn.init.zeros_(self.lora_B.weight)
+        # False: the plain autograd path (base(x) + scale * B(A(x))) even on an NF4 base.
+        self.fused = True
         # Set through enable_qat / set_qat_active; QAT runs when both are set.
         self.qat: FakeQuantConfig | None = None
         self.qat_active = False
@@ -56,7 +58,7 @@ class LoRALinear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.qat is not None and self.qat_active:
             return self._qat_forward(x)
-        if isinstance(self.base, NF4Linear) and isinstance(self.lora_dropout, nn.Identity):
+        if self.fused and isinstance(self.base, NF4Linear) and isinstance(self.lora_dropout, nn.Identity):
             x = x.to(self.base.compute_dtype)
             y = _LoRANF4MatMul.apply(x, self.lora_A.weight, self.lora_B.weight, self.base, self.scaling)
             return y if self.base.bias is None else y + self.base.bias

@@ -24,6 +24,7 @@ from qlora_kit.model.adapters import (
     ADAPTER_WEIGHTS,
     add_lora,
     load_adapter_weights,
+    lora_modules,
     peft_config,
     save_adapter,
 )
@@ -235,6 +236,9 @@ def train(recipe: Recipe) -> dict:
     callbacks = setup_qat(lm, recipe) if recipe.qat.enabled else []
     if recipe.training.fused_kernels:
         use_fused_ops(lm)
+    else:  # the plain PyTorch path: stock ops, plain LoRA autograd, full-logits loss
+        for m in lora_modules(lm).values():
+            m.fused = False
     lm.config.use_cache = False
     t = recipe.training
     if t.gradient_checkpointing:
@@ -262,7 +266,7 @@ def train(recipe: Recipe) -> dict:
                                            lambda opt: get_scheduler(t.lr_scheduler, opt, math.ceil(t.warmup_ratio * steps),
                                                                      steps))  # fmt: skip
     trainer = _trainer_class()(
-        model=SFTModel(lm),
+        model=SFTModel(lm, chunked_loss=recipe.training.fused_kernels),
         args=training_arguments(recipe, device, compute_dtype, data.validation is not None),
         train_dataset=data.train,
         eval_dataset=data.validation,
