@@ -21,6 +21,17 @@ def _train(args: argparse.Namespace) -> None:
     train(load_recipe(args.recipe, args.overrides))
 
 
+def _merge(args: argparse.Namespace) -> None:
+    import signal
+
+    from qlora_kit.pipelines.merge import MergeOptions, format_report, merge
+
+    # `kill` then unwinds like Ctrl-C, deleting the partially written output directory.
+    signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
+    options = {k: v for k, v in vars(args).items() if k not in ("command", "run", "no_eval")}
+    print(format_report(merge(MergeOptions(**options, evaluate=not args.no_eval))))
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="qlora-kit", description="QLoRA fine-tuning on NF4 bases.")
     commands = parser.add_subparsers(dest="command", required=True)
@@ -28,6 +39,34 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("recipe", help="recipe YAML file, e.g. recipes/quickstart.yaml")
     train.add_argument("overrides", nargs="*", metavar="key=value", help="recipe overrides, e.g. lora.r=8")
     train.set_defaults(run=_train)
+
+    merge = commands.add_parser("merge", help="merge adapters into the base; optionally re-quantize (docs/merge.md)")
+    merge.add_argument("adapter_dir", metavar="ADAPTER_DIR", help="a trained adapter, e.g. outputs/quickstart")
+    merge.add_argument("--out", required=True, help="output directory (written as DIR.partial-<pid>, then renamed)")
+    merge.add_argument("--quantize", choices=("none", "gptq", "awq", "rtn"), default="none",
+                       help="checkpoint to write: merged bf16 (none), GPTQ v1, AWQ gemm, or RTN in the GPTQ v1 layout")
+    merge.add_argument("--bits", type=int, default=4)
+    merge.add_argument("--group-size", type=int, default=128, help="-1 for one group per row")
+    merge.add_argument("--sym", action=argparse.BooleanOptionalAction, default=True,
+                       help="symmetric GPTQ/RTN grid (AWQ is always asymmetric)")
+    merge.add_argument("--act-order", action="store_true", help="GPTQ: quantize columns by decreasing Hessian diagonal")
+    merge.add_argument("--damp-percent", type=float, default=0.1,
+                       help="GPTQ Hessian damping, times the diagonal's mean (docs/merge.md: why not 0.01)")
+    merge.add_argument("--merge-into", choices=("nf4", "original"), default="nf4",
+                       help="add the adapters to the dequantized NF4 weights (what training saw) or to the originals")
+    merge.add_argument("--base", help="base model (default: the one the adapter was trained on)")
+    merge.add_argument("--calibration", metavar="PATH",
+                       help=".txt/.jsonl/... file or dataset (default: the training data named in recipe.yaml)")
+    merge.add_argument("--calibration-samples", type=int, default=128)
+    merge.add_argument("--calibration-seq-len", type=int, default=2048)
+    merge.add_argument("--report", action="store_true",
+                       help="also build and evaluate merged bf16, RTN, GPTQ and AWQ in memory")
+    merge.add_argument("--no-eval", action="store_true", help="skip perplexity / accuracy")
+    merge.add_argument("--eval-text", default="examples/heldout/essays.txt", help="held-out text for perplexity")
+    merge.add_argument("--test-examples", type=int, help="at most this many test examples for exact match")
+    merge.add_argument("--overwrite", action="store_true", help="replace an existing output directory")
+    merge.add_argument("--device", help="cuda, cuda:1, cpu (default: cuda when available)")
+    merge.set_defaults(run=_merge)
     return parser
 
 

@@ -121,22 +121,27 @@ def search_clip(
 
     x = x.reshape(-1, k).float()
     x = x[:: max(1, x.shape[0] // n_sample_tokens)]
-    x = x.reshape(1, x.shape[0], groups, g)  # [1, tokens, G, g]
+    x = x.reshape(x.shape[0], groups, g)  # [tokens, G, g]
+
+    def partial_products(w: Tensor) -> Tensor:
+        # x_group . w_group for every row, token and group, as one batched matmul per group
+        # (a broadcast product would materialize [rows, tokens, G, g]).
+        return torch.einsum("tGk,rGk->rtG", x, w.squeeze(1))  # [rows, tokens, G]
 
     best_max_val = []
-    # Rows in chunks: the partial products are [rows, tokens, G, g].
+    # Rows in chunks: the search keeps [rows, tokens, G] products.
     for rows in w.float().split(64, dim=0):
         rows = rows.reshape(rows.shape[0], 1, groups, g)
         org_max_val = rows.abs().amax(dim=-1, keepdim=True)  # [rows, 1, G, 1]
         best = org_max_val.clone()
         min_errs = torch.full_like(org_max_val, float("inf"))
-        org_out = (x * rows).sum(dim=-1)  # [rows, tokens, G]
+        org_out = partial_products(rows)
         for i_s in range(int(max_shrink * n_grid)):
             max_val = org_max_val * (1 - i_s / n_grid)
             cur_w = torch.clamp(rows, -max_val, max_val)
             scale, zero = find_params(cur_w.reshape(-1, g), bits, symmetric=False)
             q_w = quantize_dequantize(cur_w.reshape(-1, g), scale, zero, bits).reshape(cur_w.shape)
-            err = ((x * q_w).sum(dim=-1) - org_out).pow(2).mean(dim=1, keepdim=True).unsqueeze(-1)
+            err = (partial_products(q_w) - org_out).pow(2).mean(dim=1, keepdim=True).unsqueeze(-1)
             better = err < min_errs
             min_errs[better] = err[better]
             best[better] = max_val[better]
