@@ -119,12 +119,15 @@ def test_nf4_forward_is_the_reference_and_grad_is_identity(shape):
 def test_nf4_codes_are_a_fixed_point():
     """A second pass keeps every 4-bit code; only the double-quantized absmax moves, slightly."""
     cfg = FakeQuantConfig("nf4")
-    w = torch.randn(160, 128)
-    once = fake_quantize_weight(w, cfg)
-    twice = fake_quantize_weight(once, cfg)
-    assert torch.equal(quantize_nf4_reference(once).packed, quantize_nf4_reference(w).packed)
-    assert torch.equal(quantize_nf4_reference(twice).packed, quantize_nf4_reference(w).packed)
-    assert ((twice - once).abs() <= 2e-3 * once.abs()).all()
+    for seed in range(5):
+        w = torch.randn(160, 128, generator=torch.Generator().manual_seed(seed))
+        once = fake_quantize_weight(w, cfg)
+        twice = fake_quantize_weight(once, cfg)
+        assert torch.equal(quantize_nf4_reference(once).packed, quantize_nf4_reference(w).packed)
+        assert torch.equal(quantize_nf4_reference(twice).packed, quantize_nf4_reference(w).packed)
+        # The re-derived absmax is double-quantized again and may land one step of the 8-bit
+        # dynamic map away: up to ~1.5% of the nested absmax near the map's ends.
+        assert ((twice - once).abs() <= 2e-2 * once.abs()).all()
 
 
 @pytest.mark.parametrize("bits", [8, 4])
