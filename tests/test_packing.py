@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from qlora_kit.quant.gptq import GPTQ
-from qlora_kit.quant.intq import IntQuantWeight, rtn_quantize
+from qlora_kit.quant.intq import rtn_quantize
 from qlora_kit.quant.packing import (
     marlin_compatible,
     pack_awq_gemm,
