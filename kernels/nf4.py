@@ -17,11 +17,8 @@ from __future__ import annotations
 
 import torch
 
-try:
-    import triton
-    import triton.language as tl
-except ImportError:  # triton ships for Linux only; available() then says False
-    triton = None
+from qlora_kit.kernels._triton import INTERPRET as _INTERPRET
+from qlora_kit.kernels._triton import available, tl, triton  # noqa: F401 (available is re-exported)
 
 # Dequant tiles: (BLOCK elements, num_warps), autotuned per weight size on CUDA. A tile
 # holds whole absmax blocks and lies inside one nested block (BLOCK <= 64 * 256).
@@ -31,15 +28,6 @@ _MIN_BLOCK = min(b for b, _ in _DEQUANT_CONFIGS)
 _INTERPRET_BLOCK = 2048  # fixed under TRITON_INTERPRET=1: no autotuning on the CPU
 _QUANT_BLOCK = 2048  # quantization is compute-light and runs once per weight: not tuned
 _QUANT_WARPS = 4
-
-# TRITON_INTERPRET=1 runs the kernels on the CPU. Triton reads it when it decorates a kernel,
-# i.e. when this module is imported, so it is read here once too.
-_INTERPRET = triton is not None and bool(triton.knobs.runtime.interpret)
-
-
-def available() -> bool:
-    """True when the kernels can run: triton imports and either CUDA or the interpreter is there."""
-    return triton is not None and (_INTERPRET or torch.cuda.is_available())
 
 
 if triton is not None:

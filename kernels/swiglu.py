@@ -17,25 +17,12 @@ from __future__ import annotations
 
 import torch
 
-try:
-    import triton
-    import triton.language as tl
-except ImportError:  # triton ships for Linux only; available() then says False
-    triton = None
+from qlora_kit.kernels._triton import DTYPES as _DTYPES
+from qlora_kit.kernels._triton import INTERPRET as _INTERPRET
+from qlora_kit.kernels._triton import available, tl, triton  # noqa: F401 (available is re-exported)
 
 _BLOCK = 4096  # elements per program: 16 per thread at 8 warps, two 16-byte vectors of bf16
 _WARPS = 8
-
-# TRITON_INTERPRET=1 runs the kernels on the CPU. Triton reads it when it decorates a kernel,
-# i.e. when this module is imported, so it is read here once too.
-_INTERPRET = triton is not None and bool(triton.knobs.runtime.interpret)
-
-_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
-
-
-def available() -> bool:
-    """True when the kernels can run: triton imports and either CUDA or the interpreter is there."""
-    return triton is not None and (_INTERPRET or torch.cuda.is_available())
 
 
 if triton is not None:
