@@ -311,7 +311,7 @@ def build_datasets(data_cfg: Any, tokenizer: Any, seed: int) -> SFTData:
         validation = pack(validation, data_cfg.max_seq_len) if validation is not None else None
     test = None
     if data_cfg.test:
-        test, more = _test_examples(data_cfg.test, data_cfg)
+        test, more = test_examples(data_cfg.test, data_cfg)
         skipped += more
     return SFTData(train=train, validation=validation, test=test, skipped=skipped)
 
@@ -354,7 +354,7 @@ def _tokenized(source: str, data_cfg: Any, tokenizer: Any) -> tuple[datasets.Dat
     return datasets.Dataset.from_list(kept), skipped
 
 
-def _test_examples(source: str, data_cfg: Any) -> tuple[list[dict[str, Any]], int]:
+def test_examples(source: str, data_cfg: Any) -> tuple[list[dict[str, Any]], int]:
     """Test rows as prompt messages plus the reference answer (the final assistant message)."""
     examples, skipped = _converted(source, data_cfg)
     test = []

@@ -131,20 +131,26 @@ def read_adapter_config(directory: str | Path) -> dict:
     return config
 
 
-def load_adapter_weights(model: nn.Module, directory: str | Path) -> None:
-    """Copy the adapter weights of ``directory`` into the model's LoRA modules.
-
-    Every LoRA module must receive both of its weights with matching shapes.
-    """
+def read_adapter_weights(directory: str | Path) -> dict[str, torch.Tensor]:
+    """adapter_model.safetensors as a dict, with a clear error when it is missing or unreadable."""
     from safetensors.torch import load_file
 
     path = Path(directory) / ADAPTER_WEIGHTS
     if not path.is_file():
         raise AdapterError(f"no {ADAPTER_WEIGHTS} in {directory}")
     try:
-        sd = load_file(str(path))
+        return load_file(str(path))
     except Exception as e:  # safetensors raises its own error type for corrupt files
         raise AdapterError(f"cannot read {path}: {e}") from e
+
+
+def load_adapter_weights(model: nn.Module, directory: str | Path) -> None:
+    """Copy the adapter weights of ``directory`` into the model's LoRA modules.
+
+    Every LoRA module must receive both of its weights with matching shapes.
+    """
+    path = Path(directory) / ADAPTER_WEIGHTS
+    sd = read_adapter_weights(directory)
     modules = lora_modules(model)
     expected = {f"{_PEFT_PREFIX}{name}.lora_{ab}.weight": getattr(m, f"lora_{ab}").weight
                 for name, m in modules.items() for ab in "AB"}  # fmt: skip

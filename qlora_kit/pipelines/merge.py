@@ -30,7 +30,14 @@ from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from qlora_kit.errors import UserInputError
-from qlora_kit.model.adapters import ADAPTER_WEIGHTS, AdapterError, add_lora, load_adapter_weights, read_adapter_config
+from qlora_kit.model.adapters import (
+    ADAPTER_WEIGHTS,
+    AdapterError,
+    add_lora,
+    load_adapter_weights,
+    read_adapter_config,
+    read_adapter_weights,
+)
 from qlora_kit.model.load import check_supported, default_device, load_quantized, resolve_compute_dtype
 from qlora_kit.model.sources import (
     ModelSource,
@@ -189,8 +196,6 @@ _LORA_KEY = re.compile(r"base_model\.model\.(.+)\.lora_([AB])\.weight")
 
 def read_adapter(directory: str | Path) -> Adapter:
     """Read and check a PEFT LoRA adapter directory (plus the recipe.yaml that training wrote)."""
-    from safetensors.torch import load_file
-
     from qlora_kit.config import load_recipe
 
     directory = Path(directory)
@@ -204,12 +209,7 @@ def read_adapter(directory: str | Path) -> Adapter:
     if used:
         raise AdapterError(f"{directory}/adapter_config.json sets {used}, which merging does not support")
     path = directory / ADAPTER_WEIGHTS
-    if not path.is_file():
-        raise AdapterError(f"no {ADAPTER_WEIGHTS} in {directory}")
-    try:
-        tensors = load_file(str(path))
-    except Exception as e:  # safetensors raises its own error type for corrupt files
-        raise AdapterError(f"cannot read {path}: {e}") from e
+    tensors = read_adapter_weights(directory)
     parts: dict[str, dict[str, Tensor]] = {}
     for key, t in tensors.items():
         match = _LORA_KEY.fullmatch(key)
@@ -677,18 +677,11 @@ def stock_model(config, state: dict[str, Tensor], device: torch.device, dtype: t
 
 def load_test_examples(recipe: Recipe | None, limit: int | None) -> list[dict]:
     """The recipe's test split as {"messages": prompt, "answer": reference} (data.test; [] when none)."""
-    from qlora_kit.data import detect_format, load_rows, to_messages
+    from qlora_kit.data import test_examples
 
     if recipe is None or not recipe.data.test:
         return []
-    rows = load_rows(recipe.data.test, recipe.data.split)
-    fmt = detect_format(rows.column_names) if recipe.data.format == "auto" else recipe.data.format
-    examples = []
-    for row in rows:
-        messages = to_messages(row, fmt, recipe.data.system_prompt)
-        if isinstance(messages, str) or messages[-1]["role"] != "assistant":
-            raise MergeError(f"{recipe.data.test}: test rows need a final assistant answer")
-        examples.append({"messages": messages[:-1], "answer": messages[-1]["content"]})
+    examples, _ = test_examples(recipe.data.test, recipe.data)
     limit = limit or recipe.eval.max_test_examples
     return examples[:limit] if limit else examples
 
