@@ -117,6 +117,7 @@ def build_stock(config, rank: int, checkpointing: bool):
 def run_side(side: str, config, args) -> dict:
     import bitsandbytes as bnb
 
+    gc.collect()  # the previous side's model sits in reference cycles (hooks): free it before measuring
     torch.cuda.empty_cache()
     torch.cuda.reset_peak_memory_stats()
     if side == "stock":
@@ -168,9 +169,6 @@ def run_side(side: str, config, args) -> dict:
         "lora_params": sum(p.numel() for p in params),
         "losses": losses,
     }
-    del model, optimizer, params, batches, loss
-    gc.collect()
-    torch.cuda.empty_cache()
     return result
 
 

@@ -10,8 +10,13 @@ import torch
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from qlora_kit.modules.fake_quant import FakeQuantConfig, fake_quantize_activation, fake_quantize_weight
-from qlora_kit.modules.lora import LoRALinear, enable_qat, set_qat_active
+from qlora_kit.modules.fake_quant import (
+    FakeQuantConfig,
+    fake_quantize_activation,
+    fake_quantize_weight,
+    quantize_dequantize_weight,
+)
+from qlora_kit.modules.lora import LoRALinear, cached_qat_weights, enable_qat, set_qat_active
 from qlora_kit.modules.nf4_linear import NF4Linear
 from qlora_kit.quant.intq import rtn_quantize
 from qlora_kit.quant.nf4 import dequantize_nf4_reference, quantize_nf4, quantize_nf4_reference
@@ -31,9 +36,15 @@ def _rtn(w, cfg):
     qw = rtn_quantize(w.float(), cfg.bits, cfg.group_size, cfg.symmetric)
     g_idx = qw.g_idx.long()
     scale, zero = qw.scale[:, g_idx], qw.zero.float()[:, g_idx]
-    # formats.md: q = clamp(round(w/scale) + zero, 0, 2^bits-1); the clamp fired = clipped.
+    # formats.md: q = clamp(round(w/scale) + zero, 0, 2^bits-1). Clipped: the clamp moved the
+    # code in a group whose grid does not reach its own range, i.e. whose zero the
+    # asymmetric grid had to clamp (the symmetric grid always reaches +-max|w|).
+    maxq = 2**cfg.bits - 1
     code = torch.round(w.float() / scale) + zero
-    return qw.dequantize(), (code >= 0) & (code <= 2**cfg.bits - 1)
+    groups = w.float().reshape(w.shape[0], -1, w.shape[1] if cfg.group_size == -1 else cfg.group_size)
+    zero_raw = -torch.round(groups.amin(dim=2, keepdim=True).expand_as(groups).reshape(w.shape) / scale)
+    reaches = torch.full_like(code, cfg.symmetric, dtype=torch.bool) | ((zero_raw >= 0) & (zero_raw <= maxq))
+    return qw.dequantize(), reaches | ((code >= 0) & (code <= maxq))
 
 
 def _activation_reference(x, bits):
@@ -66,19 +77,20 @@ def test_int_forward_is_the_exporter_grid_and_grad_is_masked(cfg):
 
 @pytest.mark.parametrize("symmetric", [True, False])
 def test_int_clip_mask_is_where_the_docstring_says(symmetric):
-    """Symmetric: at most each group's positive maximum. Asymmetric: only groups on one side of 0."""
+    """Symmetric: nothing, though the clamp brings back +max|w|. Asymmetric: groups on one side of 0."""
     cfg = FakeQuantConfig("int", 4, 16, symmetric)
     w = _weight(n=64, k=64)
     _, mask = _rtn(w, cfg)
     clipped = ~mask.view(64, 4, 16)
-    groups = w.view(64, 4, 16)
+    qw = rtn_quantize(w, cfg.bits, cfg.group_size, cfg.symmetric)
     if symmetric:
-        assert clipped.any()
-        assert torch.equal(groups[clipped], groups.amax(dim=2, keepdim=True).expand_as(groups)[clipped])
-        assert (groups[clipped] > 0).all() and (clipped.sum(dim=2) <= 1).all()
+        assert not clipped.any()
+        assert (torch.round(w / qw.scale.repeat_interleave(16, dim=1)) == 8).any()  # the tie the clamp fixes
+        assert quantize_dequantize_weight(w, cfg)[1] is None
     else:
         assert clipped[:2].any(dim=2).all()  # the rows shifted off zero clip in every group
         assert not clipped[2:].any()  # Gaussian groups straddle zero
+        assert torch.equal(quantize_dequantize_weight(w, cfg)[1], mask)
 
 
 def test_int_bf16_weight_keeps_its_dtype():
@@ -317,14 +329,16 @@ def test_qat_under_non_reentrant_checkpointing(cfg):
 
 @pytest.mark.parametrize("cfg", [QAT_CONFIGS[1], QAT_CONFIGS[4]], ids=str)
 def test_qat_saves_only_x_and_the_adapter(cfg):
-    """No weight-sized tensor (merged weight, fake-quant, mask) is kept for backward."""
+    """No weight-sized tensor (merged weight, fake-quant, mask) is kept for backward: x, A, B, x @ A^T."""
     lora, _ = _lora(out_f=256, in_f=128)
     enable_qat(lora, cfg)
     x = torch.randn(3, 128, requires_grad=True)
     saved = []
     with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
         y = lora(x)
-    assert {t.data_ptr() for t in saved} == {x.data_ptr(), lora.lora_A.weight.data_ptr(), lora.lora_B.weight.data_ptr()}
+    params = {x.data_ptr(), lora.lora_A.weight.data_ptr(), lora.lora_B.weight.data_ptr()}
+    assert params <= {t.data_ptr() for t in saved}
+    assert sorted(t.numel() for t in saved if t.data_ptr() not in params) == [3 * lora.r]
     y.sum().backward()
     assert lora.lora_A.weight.grad is not None
 
@@ -349,3 +363,23 @@ def test_enable_qat_rejects_layers_it_cannot_quantize():
     with_dropout = nn.Sequential(LoRALinear(nn.Linear(64, 64), r=2, alpha=4, dropout=0.1))
     with pytest.raises(ValueError, match="0: LoRA dropout"):
         enable_qat(with_dropout, FakeQuantConfig("nf4"))
+
+
+def test_cached_qat_weights_match_and_follow_the_optimizer():
+    lora, _ = _lora()
+    enable_qat(lora, QAT_CONFIGS[1])
+    x = torch.randn(2, 5, 128)
+    opt = torch.optim.SGD(lora.parameters(), lr=0.1)
+    with torch.no_grad():
+        before = lora(x)
+    with cached_qat_weights(lora):
+        with torch.no_grad():
+            assert torch.equal(lora(x), before)
+            assert torch.equal(lora(x), before)  # served from the cache
+        lora(x).square().sum().backward()  # with grad: the autograd path, not the cache
+        opt.step()
+        with torch.no_grad():
+            after = lora(x)
+    assert lora._qat_cache is None
+    with torch.no_grad():
+        assert torch.equal(after, lora(x)) and not torch.equal(after, before)

@@ -11,26 +11,25 @@ so the loss sees exactly the weight the exported model will hold:
 
 Backward: the straight-through estimator (Bengio et al. 2013). ``round`` has zero
 derivative almost everywhere, so the STE takes it as the identity, and the group
-parameters are taken as constants. What remains of the chain rule is the quantizer's
-clamp: the gradient passes unchanged where the clamp kept the value, and is zero where
-the clamp changed it. The boolean ``pass mask`` says which. It is non-empty only here:
+parameters are taken as constants. What remains is the quantizer's clamp: the gradient
+passes where the grid reaches the value and is zero where the value is clipped, i.e. lies
+beyond the grid's end codes. The boolean ``pass mask`` says which. The grid's range is
+fitted to each group's own values, so clipping happens in one case only:
 
-* int, ``q = clamp(round(w / scale) + zero, 0, 2^bits - 1)``: an element is clipped when
-  ``round(w / scale) + zero`` falls outside ``[0, 2^bits - 1]``, i.e. it lies more than
-  half a step beyond the grid's ends (PyTorch's ``fake_quantize_per_channel_affine``
-  uses the same mask).
+* int, ``q = clamp(round(w / scale) + zero, 0, 2^bits - 1)``:
 
-  - symmetric: the codes reach ``-2^(bits-1)`` steps below zero but only ``2^(bits-1) - 1``
-    above, while the scale puts ``±max|w|`` at ``±(2^(bits-1) - 1/2)`` steps. ``-max|w|``
-    rounds onto the bottom code; ``+max|w|`` sits on the tie above the top code and,
-    rounding half to even, goes one past it and is clipped back (an error of half a
-    step). So a group's mask holds at most its positive maximum, and only when the
-    float32 ``w / scale`` lands on the tie rather than one ulp below it.
+  - symmetric: the scale puts ``±max|w|`` at ``±(2^(bits-1) - 1/2)`` steps, within half
+    a step of the end codes, so nothing is clipped and no mask is kept. (``+max|w|``
+    sits on the rounding tie above the top code, so ``round`` takes it one past the top
+    and the clamp brings it back: that is a rounding error of half a step, like any
+    other, not a clipping, and its gradient passes.)
   - asymmetric: the zero is rounded, so a group's min and max land within half a step
-    of the grid's ends and nothing is clipped, barring exact ties, while the zero is in
-    range. When the group lies on one side of zero by more than half a step, the zero
-    is clamped to 0 or ``2^bits - 1``, the grid no longer reaches the group's far end,
-    and the values beyond it are clipped.
+    of the end codes while the zero is in ``[0, 2^bits - 1]``; nothing is clipped. When
+    the group lies on one side of zero by more than half a step, the zero is clamped to
+    0 or ``2^bits - 1``, the grid no longer reaches the group's far end, and the values
+    whose code falls outside ``[0, 2^bits - 1]`` are clipped: these, and only these,
+    have a zero gradient (PyTorch's ``fake_quantize_per_channel_affine`` masks the same
+    values; it would also mask the rounding ties above).
 
 * nf4: every element is divided by its own block's absmax, so it lies in [-1, 1],
   inside the code range: nothing is clipped and no mask is kept. The double
@@ -84,7 +83,7 @@ class FakeQuantConfig:
 
 
 def quantize_dequantize_weight(w: Tensor, cfg: FakeQuantConfig) -> tuple[Tensor, Tensor | None]:
-    """The weight on the deployment grid, and the STE pass mask (None: nothing clipped).
+    """The weight on the deployment grid, and the STE pass mask (None: nothing can be clipped).
 
     No autograd: this is the forward value that :func:`fake_quantize_weight` and the QAT
     linear build on. ``int`` needs a 2-d ``[out_features, in_features]`` weight. The
@@ -99,10 +98,14 @@ def quantize_dequantize_weight(w: Tensor, cfg: FakeQuantConfig) -> tuple[Tensor,
     # One row of the grid per (row, group), exactly as rtn_quantize lays it out.
     w_groups = w.float().reshape(n * groups, k // groups)
     scale, zero = find_params(w_groups, cfg.bits, cfg.symmetric)
-    w_q = quantize_dequantize(w_groups, scale, zero, cfg.bits)
+    w_q = quantize_dequantize(w_groups, scale, zero, cfg.bits).reshape(n, k).to(w.dtype)
+    if cfg.symmetric:
+        return w_q, None
+    maxq = 2**cfg.bits - 1
+    zero_raw = -torch.round(w_groups.amin(dim=1, keepdim=True) / scale)  # find_params' zero before its clamp
     code = torch.round(w_groups / scale) + zero  # before intq's clamp
-    keep = (code >= 0) & (code <= 2**cfg.bits - 1)
-    return w_q.reshape(n, k).to(w.dtype), keep.reshape(n, k)
+    clipped = ((zero_raw < 0) | (zero_raw > maxq)) & ((code < 0) | (code > maxq))
+    return w_q, ~clipped.reshape(n, k)
 
 
 def quantize_dequantize_activation(x: Tensor, bits: int) -> Tensor:

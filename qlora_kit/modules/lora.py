@@ -8,13 +8,17 @@ y = fq(x) @ fq(W + scale * B @ A)^T + bias, with straight-through gradients to A
 from __future__ import annotations
 
 import math
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 import torch
 from torch import nn
 
 from qlora_kit.modules.fake_quant import FakeQuantConfig, quantize_dequantize_activation, quantize_dequantize_weight
+from qlora_kit.kernels import fake_quant as fq_kernel
 from qlora_kit.modules.nf4_linear import NF4Linear
 from qlora_kit.quant.intq import group_count
+from qlora_kit.quant.nf4 import dynamic_map, nf4_code
 
 
 def lora_scale(r: int, alpha: float, use_rslora: bool = False) -> float:
@@ -50,6 +54,8 @@ class LoRALinear(nn.Module):
         # Set through enable_qat / set_qat_active; QAT runs when both are set.
         self.qat: FakeQuantConfig | None = None
         self.qat_active = False
+        # Inside cached_qat_weights: fake-quantized weights of no-grad forwards, by adapter version.
+        self._qat_cache: dict | None = None
 
     def delta_weight(self) -> torch.Tensor:
         """scale * B @ A in fp32: what a merge adds to the base weight."""
@@ -73,11 +79,43 @@ class LoRALinear(nn.Module):
             w = self.base.dequantized_weight(torch.float32)
         else:
             w = self.base.weight.detach().float()
-        return w + self.scaling * (lora_b @ lora_a)
+        return w + self.scaling * (lora_b.float() @ lora_a.float())
+
+    def _fake_quant_weight(self, lora_a: torch.Tensor, lora_b: torch.Tensor,
+                           dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor | None]:  # fmt: skip
+        """fq(W + scale * B @ A) in ``dtype``, and the STE pass mask (None: nothing clipped).
+
+        On CUDA, an NF4 base and a power-of-two group run the one-pass Triton kernel;
+        elsewhere (and for the mask, in the rare case the kernel counts clipped values)
+        the torch path of :mod:`qlora_kit.modules.fake_quant`.
+        """
+        cfg = self.qat
+        if (cfg.format == "int" and isinstance(self.base, NF4Linear) and self.base.kernel != "torch"
+                and lora_a.is_cuda and fq_kernel.supports(self.in_features, cfg.group_size)):  # fmt: skip
+            t = self.base.nf4_weight
+            w_q, clipped = fq_kernel.fake_quant_merged_nf4(
+                t.packed, t.absmax_q, t.nested_absmax, t.offset, nf4_code(t.device), dynamic_map(t.device),
+                lora_a, lora_b, self.scaling, cfg.bits, cfg.group_size, cfg.symmetric, dtype,
+                t.blocksize, t.nested_blocksize,
+            )  # fmt: skip
+            # The count is read (a device sync) only for the asymmetric grid, the one that can clip.
+            if clipped is None or clipped.item() == 0:
+                return w_q, None
+        w_q, keep = quantize_dequantize_weight(self._merged_weight(lora_a, lora_b), cfg)
+        return w_q.to(dtype), None if keep is None or bool(keep.all()) else keep
 
     def _qat_forward(self, x: torch.Tensor) -> torch.Tensor:
         # The base is frozen: its weight gets no gradient, its (frozen) bias is added as usual.
         dtype = self.base.compute_dtype if isinstance(self.base, NF4Linear) else self.base.weight.dtype
+        if self._qat_cache is not None and not torch.is_grad_enabled():
+            a, b = self.lora_A.weight, self.lora_B.weight
+            key = (a._version, b._version, dtype)
+            if key not in self._qat_cache:
+                self._qat_cache.clear()
+                with torch.autocast(x.device.type, enabled=False):
+                    self._qat_cache[key] = self._fake_quant_weight(a, b, dtype)[0]
+            y = _qat_input(x.to(dtype), self.qat) @ self._qat_cache[key].t()
+            return y if self.base.bias is None else y + self.base.bias
         y = _QATLinear.apply(x.to(dtype), self.lora_A.weight, self.lora_B.weight, self, self.qat)
         return y if self.base.bias is None else y + self.base.bias
 
@@ -124,12 +162,14 @@ def _qat_input(x: torch.Tensor, cfg: FakeQuantConfig) -> torch.Tensor:
 class _QATLinear(torch.autograd.Function):
     """y = fq(x) @ fq(W + scale * B @ A)^T, with straight-through gradients to x, A and B.
 
-    Saved for backward: x, A and B (the parameters themselves; x is usually held by the
-    graph already), and on ``ctx`` the layer, whose base weight stays packed. The merged
-    weight, its fake-quant and the pass mask are recomputed in backward, so no
-    weight-sized tensor outlives the forward. With M = mask * (g^T fq(x)), the gradient
-    reaching the merged weight through the STE: dB = scale * M A^T, dA = scale * B^T M,
-    dx = g fq(W') (the activation STE is the identity).
+    Saved for backward: x, t = fq(x) @ A^T ([tokens, r]), A and B, and on ``ctx`` the
+    layer, whose base weight stays packed: the fake-quantized weight is formed again in
+    backward, so no weight-sized tensor outlives the forward. With G = mask * (g^T fq(x))
+    the gradient reaching the merged weight through the STE, dB = scale * G A^T and
+    dA = scale * B^T G; dx = g fq(W') (the activation STE is the identity). When nothing
+    is clipped (the symmetric grid never clips, the asymmetric one almost never) G is not
+    formed: dB = scale * g^T t and dA = scale * (g B)^T fq(x), the rank-r products plain
+    LoRA computes, so QAT costs no GEMM beyond plain LoRA's.
 
     Autocast is off in both passes: it would compute B @ A in bf16, and the merged weight
     must be the fp32 one the exporter rounds. The matmuls with x and the gradients run in
@@ -140,10 +180,12 @@ class _QATLinear(torch.autograd.Function):
     def forward(ctx, x: torch.Tensor, lora_a: torch.Tensor, lora_b: torch.Tensor,
                 layer: LoRALinear, cfg: FakeQuantConfig) -> torch.Tensor:  # fmt: skip
         ctx.layer, ctx.cfg = layer, cfg
-        ctx.save_for_backward(x, lora_a, lora_b)
         with torch.autocast(x.device.type, enabled=False):
-            w_q, _ = quantize_dequantize_weight(layer._merged_weight(lora_a, lora_b), cfg)
-            return _qat_input(x, cfg) @ w_q.to(x.dtype).t()
+            w_q, _ = layer._fake_quant_weight(lora_a, lora_b, x.dtype)
+            xq = _qat_input(x, cfg)
+            t = xq.reshape(-1, x.shape[-1]) @ lora_a.to(x.dtype).t()
+            ctx.save_for_backward(x, t, lora_a, lora_b)
+            return xq @ w_q.t()
 
     @staticmethod
     def backward(ctx, grad_out: torch.Tensor):
@@ -152,18 +194,16 @@ class _QATLinear(torch.autograd.Function):
 
     @staticmethod
     def _backward(ctx, grad_out: torch.Tensor):
-        x, lora_a, lora_b = ctx.saved_tensors
-        cfg, scaling = ctx.cfg, ctx.layer.scaling
-        w_q, keep = quantize_dequantize_weight(ctx.layer._merged_weight(lora_a, lora_b), cfg)
-        dtype = grad_out.dtype
-        grad_x = grad_out @ w_q.to(dtype) if ctx.needs_input_grad[0] else None
+        x, t, lora_a, lora_b = ctx.saved_tensors
+        cfg, scaling, dtype = ctx.cfg, ctx.layer.scaling, grad_out.dtype
+        w_q, keep = ctx.layer._fake_quant_weight(lora_a, lora_b, dtype)
+        grad_x = grad_out @ w_q if ctx.needs_input_grad[0] else None
+        del w_q
         g = grad_out.reshape(-1, grad_out.shape[-1])  # [tokens, out]
         xq = _qat_input(x, cfg).reshape(-1, x.shape[-1])  # [tokens, in]
         a, b = lora_a.to(dtype), lora_b.to(dtype)
         if keep is None:
-            # Nothing clipped, so g^T xq reaches A and B unmasked: factor it through the
-            # rank r instead of forming the [out, in] weight gradient.
-            grad_b = scaling * (g.t() @ (xq @ a.t()))
+            grad_b = scaling * (g.t() @ t.to(dtype))
             grad_a = scaling * ((g @ b).t() @ xq)
         else:
             grad_w = (g.t() @ xq) * keep
@@ -197,6 +237,25 @@ def enable_qat(model: nn.Module, cfg: FakeQuantConfig | None, active: bool = Tru
     for m in layers.values():
         m.qat, m.qat_active = cfg, active and cfg is not None
     return list(layers)
+
+
+@contextmanager
+def cached_qat_weights(model: nn.Module) -> Iterator[None]:
+    """Within the block, QAT layers keep their fake-quantized weight across no-grad forwards.
+
+    Generation runs one forward per new token; without the cache each one rounds every
+    weight onto the grid again (on the CPU, where the torch path does it, that is most of
+    the time). The cache holds one compute-dtype copy of each adapted weight and is keyed
+    by the adapter's version counters, so an optimizer step invalidates it.
+    """
+    layers = list(_lora_layers(model).values())
+    for m in layers:
+        m._qat_cache = {}
+    try:
+        yield
+    finally:
+        for m in layers:
+            m._qat_cache = None
 
 
 def set_qat_active(model: nn.Module, active: bool) -> None:

@@ -44,12 +44,14 @@ _SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 
 @lru_cache(maxsize=None)
-def _nf4_code(device: torch.device) -> torch.Tensor:
+def nf4_code(device: torch.device) -> torch.Tensor:
+    """The 16 NF4 code values (fp32) on ``device``, cached."""
     return torch.tensor(NF4_CODE, dtype=torch.float32, device=device)
 
 
 @lru_cache(maxsize=None)
-def _dynamic_map(device: torch.device) -> torch.Tensor:
+def dynamic_map(device: torch.device) -> torch.Tensor:
+    """The 256-entry signed dynamic map of the absmax codes (fp32) on ``device``, cached."""
     return signed_dynamic_map().to(device)
 
 
@@ -154,13 +156,13 @@ def double_quantize_absmax(absmax: torch.Tensor, nested_blocksize: int = NESTED_
     offset = absmax.mean()
     centred = absmax - offset
     nested_absmax = _blockwise_absmax(centred, nested_blocksize)
-    absmax_q = _quantize_to_code(centred, nested_absmax, _dynamic_map(absmax.device), nested_blocksize)
+    absmax_q = _quantize_to_code(centred, nested_absmax, dynamic_map(absmax.device), nested_blocksize)
     return absmax_q, nested_absmax, offset
 
 
 def dequantize_absmax(t: NF4Tensor) -> torch.Tensor:
     """The fp32 first-level absmax of every block: ``map[absmax_q] * nested_absmax + offset``."""
-    centred = _blockwise_scale(_dynamic_map(t.device)[t.absmax_q.long()], t.nested_absmax, t.nested_blocksize)
+    centred = _blockwise_scale(dynamic_map(t.device)[t.absmax_q.long()], t.nested_absmax, t.nested_blocksize)
     return centred + t.offset
 
 
@@ -169,7 +171,7 @@ def quantize_nf4_reference(weight: torch.Tensor, blocksize: int = BLOCKSIZE) -> 
     _check_weight(weight)
     x = weight.detach().reshape(-1).float()
     absmax = _blockwise_absmax(x, blocksize)
-    codes = _quantize_to_code(x, absmax, _nf4_code(x.device), blocksize)
+    codes = _quantize_to_code(x, absmax, nf4_code(x.device), blocksize)
     if codes.numel() % 2:
         codes = torch.cat([codes, codes.new_full((1,), ZERO_CODE)])
     packed = (codes[0::2] << 4) | codes[1::2]
@@ -180,7 +182,7 @@ def quantize_nf4_reference(weight: torch.Tensor, blocksize: int = BLOCKSIZE) -> 
 def dequantize_nf4_reference(t: NF4Tensor, dtype: torch.dtype | None = None) -> torch.Tensor:
     """Dequantize with plain torch ops (any device); computed in fp32, then cast."""
     codes = torch.stack([t.packed >> 4, t.packed & 0xF], dim=1).view(-1)[: t.numel]
-    values = _nf4_code(t.device)[codes.long()]
+    values = nf4_code(t.device)[codes.long()]
     w = _blockwise_scale(values, dequantize_absmax(t), t.blocksize)
     return w.view(t.shape).to(dtype or t.dtype)
 
@@ -201,7 +203,7 @@ def quantize_nf4(weight: torch.Tensor, blocksize: int = BLOCKSIZE) -> NF4Tensor:
     if _use_triton(weight.device):
         from qlora_kit.kernels.nf4 import quantize_nf4_blocks
 
-        packed, absmax = quantize_nf4_blocks(weight.reshape(-1), _nf4_code(weight.device), blocksize)
+        packed, absmax = quantize_nf4_blocks(weight.reshape(-1), nf4_code(weight.device), blocksize)
         absmax_q, nested_absmax, offset = double_quantize_absmax(absmax)
         return NF4Tensor(packed, absmax_q, nested_absmax, offset, weight.shape, weight.dtype, blocksize)
     return quantize_nf4_reference(weight, blocksize)
@@ -221,7 +223,7 @@ def dequantize_nf4(
         from qlora_kit.kernels.nf4 import dequantize_nf4_dq
 
         return dequantize_nf4_dq(
-            t.packed, t.absmax_q, t.nested_absmax, t.offset, _nf4_code(t.device), _dynamic_map(t.device),
+            t.packed, t.absmax_q, t.nested_absmax, t.offset, nf4_code(t.device), dynamic_map(t.device),
             t.shape, dtype, t.blocksize, t.nested_blocksize, out=out,
         )  # fmt: skip
     w = dequantize_nf4_reference(t, dtype)
@@ -248,9 +250,9 @@ def nf4_state_dict(t: NF4Tensor, prefix: str = "weight") -> dict[str, torch.Tens
     return {
         prefix: t.packed.reshape(-1, 1),
         f"{prefix}.absmax": t.absmax_q,
-        f"{prefix}.quant_map": _nf4_code(t.device).clone(),
+        f"{prefix}.quant_map": nf4_code(t.device).clone(),
         f"{prefix}.nested_absmax": t.nested_absmax,
-        f"{prefix}.nested_quant_map": _dynamic_map(t.device).clone(),
+        f"{prefix}.nested_quant_map": dynamic_map(t.device).clone(),
         f"{prefix}.{_QS_KEY}": torch.tensor(list(json.dumps(meta).encode()), dtype=torch.uint8),
     }
 
@@ -263,7 +265,7 @@ def nf4_from_state_dict(sd: dict[str, torch.Tensor], prefix: str = "weight") -> 
     meta = json.loads(bytes(sd[f"{prefix}.{_QS_KEY}"].tolist()).decode())
     if meta.get("quant_type") != "nf4" or "nested_offset" not in meta:
         raise ValueError(f"{prefix}: only NF4 with double quantization is supported, got {meta}")
-    for key, expected in ((".quant_map", _nf4_code), (".nested_quant_map", _dynamic_map)):
+    for key, expected in ((".quant_map", nf4_code), (".nested_quant_map", dynamic_map)):
         table = sd.get(prefix + key)
         if table is not None and not torch.equal(table.float().cpu(), expected(torch.device("cpu"))):
             raise ValueError(f"{prefix}{key}: the code table differs from the standard one")
