@@ -80,3 +80,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"qlora-kit: error: {e}", file=sys.stderr)
         return 2
     return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

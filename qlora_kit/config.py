@@ -111,6 +111,8 @@ class TrainingSection:
     optimizer_in_backward: bool = False
     offload_activations: bool = False
     offload_embeddings: bool = False
+    # With optimizer_in_backward: LoRA weights in CPU memory, on the GPU (bf16) only while their layer runs.
+    offload_adapters: bool = False
     seed: int = 42
     logging_steps: int = 10
     eval_steps: Optional[int] = None
@@ -378,6 +380,9 @@ def _validate(recipe: Recipe, where: Callable[[str], str]) -> None:
     if t.optimizer_in_backward and t.gradient_accumulation_steps != 1:
         raise RecipeError(f"{where('training.optimizer_in_backward')}: training.optimizer_in_backward steps on every "
                           "micro-batch, so training.gradient_accumulation_steps must be 1")
+    if t.offload_adapters and not t.optimizer_in_backward:
+        raise RecipeError(f"{where('training.offload_adapters')}: training.offload_adapters steps each layer's "
+                          "adapters while they are on the GPU, inside backward: set training.optimizer_in_backward=true")
     if t.offload_activations and not t.gradient_checkpointing:
         raise RecipeError(f"{where('training.offload_activations')}: training.offload_activations offloads the "
                           "checkpoints of gradient checkpointing: set training.gradient_checkpointing=true")

@@ -4,16 +4,20 @@ The process is capped with torch.cuda.set_per_process_memory_fraction. The model
 built directly in NF4 with double quantization, layer by layer on the GPU (random
 weights, through the same code path as loading a real checkpoint). LoRA r=64 on all
 linear layers (the QLoRA paper's setting), bitsandbytes' PagedAdamW8bit, non-reentrant
-gradient checkpointing, seq 2048, batch 1, at least 3 optimizer steps. `--side stock`
+gradient checkpointing, seq 2048, batch 1, 5 optimizer steps (the first 2 untimed: they
+allocate the optimizer state and pinned buffers). `--side stock`
 runs transformers + peft + bitsandbytes the same way (see bench_train.py).
 
-Sides: `stock`; `ours-plain` (our stack, no memory levers); `ours` (the levers of a
-recipe's training.optimizer_in_backward, offload_activations and offload_embeddings: the
-optimizer steps inside backward so the LoRA gradients never coexist, checkpointed layer
-inputs and the input embedding table live in CPU memory).
+Sides: `stock`; `ours-plain` (our stack, no memory levers); `ours` (with the levers of
+`--levers`, all by default: `oib` = training.optimizer_in_backward, the optimizer steps
+each decoder layer's LoRA tensors inside backward so their gradients never coexist;
+`offload` = training.offload_activations + offload_embeddings, checkpointed layer inputs
+and the input embedding table live in CPU memory; `adapters` = training.offload_adapters,
+the LoRA weights live in CPU memory and a layer's come to the GPU in bf16 while it runs).
 
     python scripts/bench_memory.py                                   # LLaMA-65B shape, ours
     python scripts/bench_memory.py --side stock,ours-plain,ours --json mem.json
+    python scripts/bench_memory.py --side ours --levers oib --layers 20   # one lever, fewer layers
     python scripts/bench_memory.py --shape llama-2-70b --seq 4096    # the stretch target
 """
 
@@ -39,6 +43,8 @@ def _bytes(tensors) -> int:
 def run(side: str, config, args) -> dict:
     import bitsandbytes as bnb
 
+    levers = set(args.levers.split(",")) if side == "ours" else set()
+
     gc.collect()
     torch.cuda.empty_cache()
     torch.cuda.reset_peak_memory_stats()
@@ -46,47 +52,55 @@ def run(side: str, config, args) -> dict:
     if side == "stock":
         model, step_loss = build_stock(config, args.rank, True)
     else:
-        model, step_loss = build_ours(config, args.rank, True, offload=side == "ours")
+        model, step_loss = build_ours(config, args.rank, True, offload=side == "ours" and "offload" in levers)
     torch.cuda.synchronize()
     build_s = time.perf_counter() - start
     lora = [p for p in model.parameters() if p.requires_grad]
     frozen = [t for t in [*model.parameters(), *model.buffers()] if not t.requires_grad and t.is_cuda]
     parts = {"frozen weights (NF4 + constants, embeddings, norms)": _bytes(frozen), "LoRA weights": _bytes(lora)}
-    if side == "ours":
+    if "oib" in levers:
         from qlora_kit.pipelines.optim import optimizer_in_backward
 
         # One optimizer per decoder layer, each stepped by a gradient hook inside backward.
-        optimizers = list(optimizer_in_backward(model, "paged_adamw_8bit", 1e-4, 0.0)[0].optimizer_dict.values())
+        dummy, _ = optimizer_in_backward(model, "paged_adamw_8bit", 1e-4, 0.0, offload_adapters="adapters" in levers)
+        optimizers = list(dummy.optimizer_dict.values())
+        parts["LoRA weights"] = _bytes(p for p in model.parameters() if p.requires_grad)  # 0 when offloaded
     else:
         optimizers = [bnb.optim.PagedAdamW8bit(lora, lr=1e-4)]
     g = torch.Generator("cuda").manual_seed(1)
     step_times, losses = [], []
     after_build = torch.cuda.memory_allocated()
     torch.cuda.reset_peak_memory_stats()
+    peak, forward_peak, reserved = 0, 0, 0
     for _ in range(args.steps):
         ids = torch.randint(0, config.vocab_size, (args.batch, args.seq), device="cuda", generator=g)
         torch.cuda.synchronize()
         t0 = time.perf_counter()
+        torch.cuda.reset_peak_memory_stats()
         with torch.autocast("cuda", dtype=torch.bfloat16):
             loss = step_loss(ids)
+        forward_peak = max(forward_peak, torch.cuda.max_memory_allocated())
         loss.backward()
         parts["gradients (left after backward)"] = _bytes(p.grad for p in lora if p.grad is not None)
-        if side != "ours":
+        if "oib" not in levers:
             optimizers[0].step()
             optimizers[0].zero_grad(set_to_none=True)
         torch.cuda.synchronize()
         step_times.append(time.perf_counter() - t0)
         losses.append(loss.item())
-    peak = torch.cuda.max_memory_allocated()
+        peak = max(peak, torch.cuda.max_memory_allocated())
+        reserved = max(reserved, torch.cuda.max_memory_reserved())
     # Paged optimizer state lives in CUDA unified memory, outside torch's allocator: counted apart.
     parts["optimizer state (paged, not in peak)"] = _bytes(
         v for opt in optimizers for state in opt.state.values() for v in state.values() if torch.is_tensor(v)
     )
     parts["activations, gradients in flight, temporaries (peak - weights)"] = peak - after_build
-    step = sorted(step_times[1:])[len(step_times[1:]) // 2] if len(step_times) > 1 else step_times[0]
+    parts["  of which at the forward pass's peak"] = forward_peak - after_build
+    timed = step_times[args.warmup :] or step_times[-1:]
+    step = sorted(timed)[len(timed) // 2]
     result = {
-        "side": side, "build_s": build_s, "step_s": step, "tokens_per_s": args.batch * args.seq / step,
-        "peak_allocated": peak, "peak_reserved": torch.cuda.max_memory_reserved(), "parts": parts, "losses": losses,
+        "side": side, "levers": sorted(levers), "build_s": build_s, "step_s": step, "tokens_per_s": args.batch * args.seq / step,
+        "peak_allocated": peak, "peak_reserved": reserved, "parts": parts, "losses": losses,
     }  # fmt: skip
     del model, optimizers, lora, frozen
     return result
@@ -99,9 +113,11 @@ def main() -> None:
     parser.add_argument("--seq", type=int, default=2048)
     parser.add_argument("--batch", type=int, default=1)
     parser.add_argument("--rank", type=int, default=64)
-    parser.add_argument("--steps", type=int, default=3)
+    parser.add_argument("--steps", type=int, default=5, help="optimizer steps, warm-up included")
+    parser.add_argument("--warmup", type=int, default=2, help="untimed first steps")
     parser.add_argument("--cap-gb", type=float, default=48.0, help="per-process GPU memory cap, GB")
     parser.add_argument("--side", default="ours", help="comma-separated: stock, ours-plain, ours")
+    parser.add_argument("--levers", default="oib,offload,adapters", help="the ours side's levers: oib, offload, adapters")
     parser.add_argument("--json")
     args = parser.parse_args()
     total = torch.cuda.get_device_properties(0).total_memory
@@ -112,6 +128,9 @@ def main() -> None:
     sides = args.side.split(",")
     if set(sides) - {"stock", "ours-plain", "ours"}:
         parser.error(f"unknown --side {args.side}")
+    levers = set(args.levers.split(","))
+    if levers - {"oib", "offload", "adapters"} or ("adapters" in levers and "oib" not in levers):
+        parser.error(f"--levers {args.levers}: choose from oib, offload, adapters (adapters needs oib)")
     for side in sides:
         try:
             results["sides"][side] = run(side, config, args)
@@ -127,10 +146,17 @@ def main() -> None:
         if "error" in r:
             print(f"{side}: {r['error']}")
             continue
-        print(f"{side}: peak allocated {r['peak_allocated'] * gb:.1f} GB, reserved {r['peak_reserved'] * gb:.1f} GB, "
+        name = f"{side} ({','.join(r['levers'])})" if r["levers"] else side
+        print(f"{name}: peak allocated {r['peak_allocated'] * gb:.1f} GB, reserved {r['peak_reserved'] * gb:.1f} GB, "
               f"{r['tokens_per_s']:.0f} tokens/s ({r['step_s']:.2f} s/step), built in {r['build_s']:.1f} s")  # fmt: skip
         for part, size in r["parts"].items():
-            print(f"    {part:52}{size * gb:8.2f} GB")
+            print(f"    {part:60}{size * gb:8.2f} GB")
+    stock = results["sides"].get("stock", {})
+    if "peak_allocated" in stock:
+        for side, r in results["sides"].items():
+            if side != "stock" and "peak_allocated" in r:
+                print(f"{side} vs stock: peak {r['peak_allocated'] / stock['peak_allocated']:.3f}x, "
+                      f"tokens/s {r['tokens_per_s'] / stock['tokens_per_s']:.2f}x")
 
 
 if __name__ == "__main__":

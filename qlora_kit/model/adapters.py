@@ -18,6 +18,7 @@ import torch
 from torch import nn
 
 from qlora_kit.errors import UserInputError
+from qlora_kit.model.fsdp import full_tensor, shard_like
 from qlora_kit.modules.lora import LoRALinear
 from qlora_kit.modules.nf4_linear import NF4Linear
 
@@ -73,11 +74,11 @@ def lora_modules(model: nn.Module) -> dict[str, LoRALinear]:
 
 
 def lora_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
-    """The adapter weights under PEFT's key names."""
+    """The adapter weights under PEFT's key names; under FSDP gathered whole (every process must call it)."""
     sd = {}
     for name, m in lora_modules(model).items():
-        sd[f"{_PEFT_PREFIX}{name}.lora_A.weight"] = m.lora_A.weight.detach()
-        sd[f"{_PEFT_PREFIX}{name}.lora_B.weight"] = m.lora_B.weight.detach()
+        sd[f"{_PEFT_PREFIX}{name}.lora_A.weight"] = full_tensor(m.lora_A.weight.detach())
+        sd[f"{_PEFT_PREFIX}{name}.lora_B.weight"] = full_tensor(m.lora_B.weight.detach())
     return sd
 
 
@@ -92,13 +93,20 @@ def peft_config(model: nn.Module, r: int, alpha: float, dropout: float, use_rslo
     )  # fmt: skip
 
 
-def save_adapter(model: nn.Module, directory: str | Path, config) -> None:
-    """Write adapter_config.json and adapter_model.safetensors (each file replaced atomically)."""
+def save_adapter(model: nn.Module, directory: str | Path, config, write: bool = True) -> None:
+    """Write adapter_config.json and adapter_model.safetensors (each file replaced atomically).
+
+    Under FSDP every process must call it (the sharded weights are gathered); only those
+    with ``write`` write the files.
+    """
     from safetensors.torch import save_file
 
+    state_dict = lora_state_dict(model)
+    if not write:
+        return
+    tensors = {k: v.to("cpu", torch.float32).contiguous() for k, v in state_dict.items()}
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
-    tensors = {k: v.to("cpu", torch.float32).contiguous() for k, v in lora_state_dict(model).items()}
     _atomic_write(directory / ADAPTER_WEIGHTS, lambda path: save_file(tensors, path, metadata={"format": "pt"}))
     config_dict = config.to_dict()
     config_dict["target_modules"] = sorted(config_dict["target_modules"])
@@ -145,7 +153,7 @@ def read_adapter_weights(directory: str | Path) -> dict[str, torch.Tensor]:
 
 
 def load_adapter_weights(model: nn.Module, directory: str | Path) -> None:
-    """Copy the adapter weights of ``directory`` into the model's LoRA modules.
+    """Copy the adapter weights of ``directory`` into the model's LoRA modules (under FSDP, each its slice).
 
     Every LoRA module must receive both of its weights with matching shapes.
     """
@@ -161,4 +169,4 @@ def load_adapter_weights(model: nn.Module, directory: str | Path) -> None:
         for key, param in expected.items():
             if sd[key].shape != param.shape:
                 raise AdapterError(f"{path}: '{key}' has shape {tuple(sd[key].shape)}, the model has {tuple(param.shape)}")
-            param.copy_(sd[key])
+            param.copy_(shard_like(sd[key], param))

@@ -64,10 +64,15 @@ def build_random_quantized(
     attn_implementation: str = "sdpa",
     seed: int = 0,
     progress: bool = True,
+    keep_on: torch.device | str | None = None,
 ) -> nn.Module:
-    """An NF4 model of ``config``'s shape with random weights, never holding more than one bf16 tensor."""
+    """An NF4 model of ``config``'s shape with random weights, never holding more than one bf16 tensor.
+
+    The tensors are generated and quantized on ``device``; the model is kept on ``keep_on``
+    (default: ``device``).
+    """
     device = torch.device(device)
     model = empty_model(config, compute_dtype, attn_implementation)
-    materialize(model, random_tensors(model, device, seed), device, compute_dtype, progress)
+    materialize(model, random_tensors(model, device, seed), device, compute_dtype, progress, keep_on)
     model.requires_grad_(False)
     return model

@@ -85,28 +85,25 @@ def _set_submodule(root: nn.Module, name: str, module: nn.Module) -> None:
     setattr(root.get_submodule(parent) if parent else root, child, module)
 
 
-def _set_nf4_weight(module: NF4Linear, weight: NF4Tensor) -> None:
-    module.weight_packed = weight.packed
-    module.weight_absmax_q = weight.absmax_q
-    module.weight_nested_absmax = weight.nested_absmax
-    module.weight_offset = weight.offset
-    module.weight_dtype = weight.dtype
-
-
 def materialize(
     model: nn.Module,
     tensors: Iterable[tuple[str, torch.Tensor]],
     device: torch.device,
     compute_dtype: torch.dtype,
     progress: bool = True,
+    keep_on: torch.device | str | None = None,
 ) -> nn.Module:
     """Fill an :func:`empty_model` from ``(name, tensor)`` pairs, quantizing decoder linears as they arrive.
 
     Shared by the checkpoint loader and the random-weight builder, so both produce
     exactly the same model. Raises on an unexpected name, a shape mismatch or a
-    tensor the model needs that never arrived.
+    tensor the model needs that never arrived. Tensors are quantized on ``device`` and
+    the model is kept on ``keep_on`` (default: ``device``): FSDP loads into CPU memory,
+    so that no GPU ever holds the whole model, and shards from there.
     """
     from tqdm.auto import tqdm
+
+    keep_on = torch.device(keep_on) if keep_on is not None else device
 
     expected = {name: p.shape for name, p in model.named_parameters()}
     nf4_modules = {f"{name}.weight": m for name, m in model.named_modules() if isinstance(m, NF4Linear)}
@@ -124,11 +121,11 @@ def materialize(
                 f"checkpoint tensor '{name}' has shape {tuple(tensor.shape)}, the model expects {tuple(expected[name])}"
             )
         if name in nf4_modules:
-            _set_nf4_weight(nf4_modules[name], quantize_nf4(tensor.to(device)))
+            nf4_modules[name].set_weight(quantize_nf4(tensor.to(device)).to(keep_on))
         else:
             module_name, _, param_name = name.rpartition(".")
             module = model.get_submodule(module_name)
-            value = tensor.to(device=device, dtype=compute_dtype)
+            value = tensor.to(device=keep_on, dtype=compute_dtype)
             setattr(module, param_name, nn.Parameter(value, requires_grad=False))
         del tensor
         seen.add(name)
@@ -139,7 +136,7 @@ def materialize(
     missing += [n for n, m in nf4_modules.items() if m.weight_packed.device.type == "meta"]
     if missing:
         raise ModelSourceError(f"the checkpoint is missing {len(missing)} tensors, e.g. {missing[:5]}")
-    return model.to(device)
+    return model.to(keep_on)
 
 
 def load_quantized(
@@ -150,12 +147,14 @@ def load_quantized(
     attn_implementation: str = "sdpa",
     kernel: str = "auto",
     progress: bool = True,
+    keep_on: torch.device | str | None = None,
 ) -> nn.Module:
     """Load a Llama-family causal LM with every decoder linear in NF4 + double quantization.
 
     ``name_or_path``: ``smollm2`` (the embedded default), a local transformers checkpoint
     directory, a ``.gguf`` file, or a hub id. Embeddings, norms and lm_head stay in
-    ``compute_dtype``; every parameter is frozen.
+    ``compute_dtype``; every parameter is frozen. Weights are quantized on ``device`` and
+    kept on ``keep_on`` (default: ``device``).
     """
     source = name_or_path if isinstance(name_or_path, ModelSource) else resolve_source(name_or_path, gguf_file)
     device = torch.device(device) if device is not None else default_device()
@@ -163,7 +162,7 @@ def load_quantized(
         compute_dtype = resolve_compute_dtype(compute_dtype, device)
     config = load_config(source)
     model = empty_model(config, compute_dtype, attn_implementation)
-    materialize(model, iter_tensors(source), device, compute_dtype, progress)
+    materialize(model, iter_tensors(source), device, compute_dtype, progress, keep_on)
     for m in model.modules():
         if isinstance(m, NF4Linear):
             m.kernel = kernel

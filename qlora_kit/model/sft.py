@@ -71,6 +71,10 @@ class SFTModel(nn.Module):
     def config(self):
         return self.lm.config
 
+    def generate(self, *args, **kwargs):
+        """``lm.generate``: under FSDP, where this is the root module, it gathers the root's weights around it."""
+        return self.lm.generate(*args, **kwargs)
+
     def forward(self, input_ids, labels, attention_mask=None, position_ids=None, use_cache=None, **kwargs) -> dict:
         loss = self.loss(
             self.lm, input_ids, labels, kwargs.get("num_items_in_batch"),

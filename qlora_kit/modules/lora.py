@@ -43,12 +43,16 @@ class LoRALinear(nn.Module):
         self.r = r
         self.scaling = lora_scale(r, alpha, use_rslora)
         device = next((t.device for t in base.buffers()), None) or next(base.parameters()).device
-        self.lora_A = nn.Linear(self.in_features, r, bias=False, device=device, dtype=torch.float32)
-        self.lora_B = nn.Linear(r, self.out_features, bias=False, device=device, dtype=torch.float32)
-        # Dropout 0 skips the module entirely: no mask, no extra pass over x.
-        self.lora_dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+        # Initialised by the CPU generator, then moved: a seed gives the same adapters wherever
+        # the base lives (on the GPU, or in CPU memory before FSDP shards it onto the GPUs).
+        self.lora_A = nn.Linear(self.in_features, r, bias=False, dtype=torch.float32)
+        self.lora_B = nn.Linear(r, self.out_features, bias=False, dtype=torch.float32)
         nn.init.kaiming_uniform_(self.lora_A.weight, a=math.sqrt(5))
         nn.init.zeros_(self.lora_B.weight)
+        self.lora_A.to(device)
+        self.lora_B.to(device)
+        # Dropout 0 skips the module entirely: no mask, no extra pass over x.
+        self.lora_dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
         # False: the plain autograd path (base(x) + scale * B(A(x))) even on an NF4 base.
         self.fused = True
         # Set through enable_qat / set_qat_active; QAT runs when both are set.

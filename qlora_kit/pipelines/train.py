@@ -12,6 +12,7 @@ import json
 import logging
 import math
 import shutil
+from contextlib import nullcontext
 from pathlib import Path
 
 import torch
@@ -28,15 +29,23 @@ from qlora_kit.model.adapters import (
     peft_config,
     save_adapter,
 )
+from qlora_kit.model.fsdp import (
+    fsdp_plugin_from_launch,
+    full_optimizer_state,
+    is_sharded,
+    nf4_storage_bytes,
+    shard_model,
+    shard_optimizer_state,
+)
 from qlora_kit.model.fused import use_fused_ops
 from qlora_kit.model.load import load_quantized, resolve_compute_dtype
 from qlora_kit.model.sft import SFTModel
 from qlora_kit.model.sources import load_tokenizer, resolve_source
 from qlora_kit.modules.fake_quant import FakeQuantConfig
-from qlora_kit.modules.lora import enable_qat, set_qat_active
+from qlora_kit.modules.lora import cached_qat_weights, enable_qat, set_qat_active
 from qlora_kit.model.offload import offload_embeddings, use_offloaded_checkpointing
 from qlora_kit.pipelines.evaluate import exact_match_accuracy
-from qlora_kit.pipelines.optim import optimizer_in_backward, optimizer_name
+from qlora_kit.pipelines.optim import full_precision_adapters, optimizer_in_backward, optimizer_name
 
 log = logging.getLogger("qlora_kit")
 
@@ -119,9 +128,16 @@ def setup_qat(lm, recipe: Recipe) -> list:
 
 def _trainer_class():
     from transformers import Trainer
+    from transformers.trainer import OPTIMIZER_NAME, SCHEDULER_NAME
 
     class QLoRATrainer(Trainer):
-        """Saves and restores only the adapters, in PEFT's format."""
+        """Saves and restores only the adapters, in PEFT's format.
+
+        Under FSDP the checkpoints hold the same files as on one GPU: the Trainer's own FSDP
+        saving would gather the whole model's state dict and write FSDP-specific files, so
+        here every process gathers the sharded LoRA weights and optimizer states, and the
+        main process writes them as one GPU does.
+        """
 
         def __init__(self, *args, adapter_config, **kwargs):
             super().__init__(*args, **kwargs)
@@ -129,15 +145,41 @@ def _trainer_class():
 
         def _save(self, output_dir: str | None = None, state_dict=None) -> None:
             if self.args.should_save:
-                save_adapter(self.model.lm, output_dir or self.args.output_dir, self.adapter_config)
+                with full_precision_adapters(self.model.lm):
+                    save_adapter(self.model.lm, output_dir or self.args.output_dir, self.adapter_config)
 
         def _load_from_checkpoint(self, resume_from_checkpoint: str, model=None) -> None:
-            load_adapter_weights((model or self.model).lm, resume_from_checkpoint)
+            lm = (model or self.model).lm
+            with full_precision_adapters(lm):
+                load_adapter_weights(lm, resume_from_checkpoint)
+
+        def save_model(self, output_dir: str | None = None, _internal_call: bool = False) -> None:
+            if not is_sharded(self.model):
+                return super().save_model(output_dir, _internal_call)
+            save_adapter(self.model.lm, output_dir or self.args.output_dir, self.adapter_config,
+                         write=self.args.should_save)  # fmt: skip
+
+        def _save_optimizer_and_scheduler(self, output_dir: str) -> None:
+            if not is_sharded(self.model):
+                return super()._save_optimizer_and_scheduler(output_dir)
+            optimizer_state = full_optimizer_state(self.optimizer)
+            if self.args.should_save:
+                torch.save(optimizer_state, Path(output_dir) / OPTIMIZER_NAME)
+                torch.save(self.lr_scheduler.state_dict(), Path(output_dir) / SCHEDULER_NAME)
+
+        def _load_optimizer_and_scheduler(self, checkpoint: str | None) -> None:
+            if not is_sharded(self.model) or checkpoint is None:
+                return super()._load_optimizer_and_scheduler(checkpoint)
+            optimizer_state = torch.load(Path(checkpoint) / OPTIMIZER_NAME, map_location="cpu", weights_only=True)
+            self.optimizer.load_state_dict(shard_optimizer_state(optimizer_state, self.optimizer))
+            self.lr_scheduler.load_state_dict(torch.load(Path(checkpoint) / SCHEDULER_NAME, weights_only=True))
 
     return QLoRATrainer
 
 
-def training_arguments(recipe: Recipe, device: torch.device, compute_dtype: torch.dtype, has_validation: bool):
+def training_arguments(recipe: Recipe, device: torch.device, compute_dtype: torch.dtype, has_validation: bool,
+                       eval_on_start: bool = False, sharded: bool = False):  # fmt: skip
+    """The Trainer's arguments; ``eval_on_start``: validate before the first step; ``sharded``: under FSDP."""
     from transformers import TrainingArguments
 
     t = recipe.training
@@ -153,7 +195,7 @@ def training_arguments(recipe: Recipe, device: torch.device, compute_dtype: torc
         warmup_steps=t.warmup_ratio,
         weight_decay=t.weight_decay,
         max_grad_norm=t.max_grad_norm,
-        optim=optimizer_name(t.optimizer, device),
+        optim=optimizer_name(t.optimizer, device, sharded),
         bf16=device.type == "cuda" and compute_dtype == torch.bfloat16,
         fp16=device.type == "cuda" and compute_dtype == torch.float16,
         seed=t.seed,
@@ -161,6 +203,7 @@ def training_arguments(recipe: Recipe, device: torch.device, compute_dtype: torc
         logging_first_step=True,
         eval_strategy="steps" if has_validation and t.eval_steps else "no",
         eval_steps=t.eval_steps,
+        eval_on_start=eval_on_start and has_validation,
         save_strategy="steps",
         save_steps=t.save_steps,
         save_total_limit=t.save_total_limit,
@@ -168,19 +211,29 @@ def training_arguments(recipe: Recipe, device: torch.device, compute_dtype: torc
         prediction_loss_only=True,
         remove_unused_columns=False,
         ddp_find_unused_parameters=False,
+        # The NF4 weights are buffers that every process loaded identically: broadcasting them
+        # before every forward (DDP's default) would copy the whole model each step.
+        ddp_broadcast_buffers=False,
         use_cpu=device.type == "cpu",
     )
 
 
-def evaluate(trainer, lm, tokenizer, data: SFTData, recipe: Recipe) -> dict:
+def evaluate(trainer, lm, tokenizer, data: SFTData, recipe: Recipe, validation: bool = True) -> dict:
     """Validation loss (when there is a validation split) and exact-match accuracy on the test split."""
     metrics = {}
-    if data.validation is not None:
+    if validation and data.validation is not None:
         metrics["val_loss"] = trainer.evaluate()["eval_loss"]
     if data.test:
         examples = data.test[: recipe.eval.max_test_examples] if recipe.eval.max_test_examples else data.test
-        if trainer.accelerator.is_main_process:
-            accuracy, _ = exact_match_accuracy(lm, tokenizer, examples, recipe.eval.max_new_tokens, progress=True)
+        # On the CPU, QAT's torch fake-quant would otherwise round every weight again for each new token.
+        cache = cached_qat_weights(lm) if trainer.args.device.type == "cpu" else nullcontext()
+        main = trainer.accelerator.is_main_process
+        # Under FSDP every process holds a slice of the weights: all of them generate, through
+        # the root module, which gathers its weights around generate().
+        if main or is_sharded(trainer.model):
+            with cache:
+                accuracy, _ = exact_match_accuracy(trainer.model, tokenizer, examples, recipe.eval.max_new_tokens,
+                                                   progress=main)  # fmt: skip
             metrics["test_exact_match"] = accuracy
         trainer.accelerator.wait_for_everyone()
     return metrics
@@ -213,7 +266,11 @@ def train(recipe: Recipe) -> dict:
     from accelerate import PartialState
     from transformers import get_scheduler
 
-    state = PartialState()
+    # Without CUDA, processes launched together form a gloo group (accelerate's FSDP launcher,
+    # unlike its others, does not pass use_cpu on to them).
+    state = PartialState(cpu=not torch.cuda.is_available())
+    fsdp = fsdp_plugin_from_launch()
+    sharded = fsdp is not None
     resume_from = prepare_output_dir(recipe)
     out = Path(recipe.output.dir)
     if state.is_main_process:
@@ -228,9 +285,10 @@ def train(recipe: Recipe) -> dict:
     device = state.device
     compute_dtype = resolve_compute_dtype(recipe.model.compute_dtype, device)
     torch.manual_seed(recipe.training.seed)
+    # Under FSDP the model waits in CPU memory until shard_model spreads it over the GPUs.
     lm = load_quantized(source, device=device, compute_dtype=compute_dtype,
-                        attn_implementation=recipe.model.attn_implementation,
-                        kernel=recipe.quantization.kernel, progress=state.is_main_process)  # fmt: skip
+                        attn_implementation=recipe.model.attn_implementation, kernel=recipe.quantization.kernel,
+                        progress=state.is_main_process, keep_on="cpu" if sharded else None)  # fmt: skip
     lora = recipe.lora
     add_lora(lm, lora.r, lora.alpha, lora.dropout, lora.target_modules, lora.use_rslora)
     callbacks = setup_qat(lm, recipe) if recipe.qat.enabled else []
@@ -248,6 +306,9 @@ def train(recipe: Recipe) -> dict:
         if t.offload_activations:
             use_offloaded_checkpointing(lm)
     if t.offload_embeddings:
+        if sharded:
+            raise RecipeError("training.offload_embeddings does not work under FSDP, which shards the embeddings "
+                              "over the GPUs with the rest of the model: set it to false")  # fmt: skip
         try:
             offload_embeddings(lm)
         except ValueError as e:
@@ -264,10 +325,21 @@ def train(recipe: Recipe) -> dict:
         steps = training_steps(recipe, len(data.train), state.num_processes)
         optimizers = optimizer_in_backward(lm, optimizer_name(t.optimizer, device), t.learning_rate, t.weight_decay,
                                            lambda opt: get_scheduler(t.lr_scheduler, opt, math.ceil(t.warmup_ratio * steps),
-                                                                     steps))  # fmt: skip
+                                                                     steps),
+                                           offload_adapters=t.offload_adapters)  # fmt: skip
+    model = SFTModel(lm, chunked_loss=recipe.training.fused_kernels)
+    if sharded:
+        shard_model(model, lm.model.layers, fsdp.reshard_after_forward)
+        # accelerate runs FSDP on GPUs only; on the CPU (gloo) it would wrap the sharded model
+        # in DDP. Marked as prepared, accelerate leaves it as it is on both.
+        model._is_accelerate_prepared = True
+        local, total = nf4_storage_bytes(lm)
+        log.info("FSDP over %d processes: this one holds %.1f%% of the %.1f MB of NF4 weights", state.num_processes,
+                 100 * local / total, total / 2**20)  # fmt: skip
     trainer = _trainer_class()(
-        model=SFTModel(lm, chunked_loss=recipe.training.fused_kernels),
-        args=training_arguments(recipe, device, compute_dtype, data.validation is not None),
+        model=model,
+        args=training_arguments(recipe, device, compute_dtype, data.validation is not None,
+                                eval_on_start=resume_from is None, sharded=sharded),
         train_dataset=data.train,
         eval_dataset=data.validation,
         data_collator=DataCollator(tokenizer),
@@ -277,13 +349,18 @@ def train(recipe: Recipe) -> dict:
         adapter_config=adapter_config,
     )
 
-    before = evaluate(trainer, lm, tokenizer, data, recipe) if resume_from is None else {}
+    # The validation loss before training comes from the Trainer's eval_on_start: under FSDP
+    # the Trainer can evaluate only once it has prepared the model and the optimizer together.
+    before = evaluate(trainer, lm, tokenizer, data, recipe, validation=False) if resume_from is None else {}
     trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
+    if resume_from is None and data.validation is not None:
+        before["val_loss"] = next(e["eval_loss"] for e in trainer.state.log_history if "eval_loss" in e)
     after = evaluate(trainer, lm, tokenizer, data, recipe)
 
     metrics = {"before": before, "after": after, "train_steps": trainer.state.global_step}
+    with full_precision_adapters(lm):
+        save_adapter(lm, out, adapter_config, write=state.is_main_process)  # under FSDP a collective
     if state.is_main_process:
-        save_adapter(lm, out, adapter_config)
         tokenizer.save_pretrained(out)
         save_loss_curve(trainer.state.log_history, out / LOSS_CURVE)
         (out / METRICS_FILE).write_text(json.dumps(metrics, indent=2))
