@@ -22,7 +22,7 @@ from qlora_kit.model.load import load_quantized
 from qlora_kit.model.sources import load_config, resolve_source
 from qlora_kit.modules.nf4_linear import NF4Linear
 from qlora_kit.pipelines.calibration import CalibrationError, calibration_windows
-from qlora_kit.pipelines.evaluate import logit_agreement, perplexity
+from qlora_kit.pipelines.evaluate import logit_agreement, perplexity, response_loss
 from qlora_kit.pipelines.export import ExportError
 from qlora_kit.pipelines.merge import (
     GPTQ_SEQUENCE,
@@ -98,7 +98,7 @@ def run(tmp_path_factory):
     tokenizer.save_pretrained(adapter)
     (root / "recipe.yaml").write_text(
         f"model: {{name_or_path: '{base}'}}\n"
-        f"data: {{train: '{root}/train.jsonl', test: '{root}/test.jsonl'}}\n"
+        f"data: {{train: '{root}/train.jsonl', validation: '{root}/test.jsonl', test: '{root}/test.jsonl'}}\n"
         "eval: {max_new_tokens: 4}\n"
     )
     save_recipe(load_recipe(root / "recipe.yaml"), adapter / "recipe.yaml")
@@ -283,12 +283,13 @@ def test_report_rows_and_exported_files_agree(tmp_path, run):
     assert json.loads((out / "report.json").read_text()) == report
     rows = {r["model"]: r for r in report["results"]}
     assert list(rows) == ["NF4 + adapter", "merged bf16", "RTN (sym)", "GPTQ (sym)", "RTN (asym)", "AWQ (asym)"]
-    assert all("perplexity" in r and "exact_match" in r for r in rows.values())
+    assert all("perplexity" in r and "val_loss" in r and "exact_match" in r for r in rows.values())
     assert report["test_examples"] == 3
     assert report["calibration"] == {"source": str(run["root"] / "train.jsonl"), "samples": 4, "seq_len": 64,
                                      "tokens": 256}  # fmt: skip
     # NF4 + adapter (LoRA applied on the fly) and the merged bf16 model differ by bf16 rounding only.
     assert rows["merged bf16"]["perplexity"] == pytest.approx(rows["NF4 + adapter"]["perplexity"], rel=1e-2)
+    assert rows["merged bf16"]["val_loss"] == pytest.approx(rows["NF4 + adapter"]["val_loss"], rel=1e-2)
 
     eval_ids = torch.tensor(run["tokenizer"](run["eval_text"].read_text())["input_ids"])
     config = load_config(resolve_source(str(run["base"])))
@@ -420,3 +421,20 @@ def test_cli_merge_and_its_errors(tmp_path, run, capsys):
                  "--group-size", "48"])  # fmt: skip
     err = capsys.readouterr().err
     assert code == 2 and "qlora-kit: error: --group-size 48" in err and "Traceback" not in err
+
+
+def test_response_loss_is_the_mean_over_labelled_tokens():
+    """Against transformers' own loss (labels -100 ignored), on rows of different lengths."""
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                         num_attention_heads=4, num_key_value_heads=2)).eval()  # fmt: skip
+    rows = []
+    for n, prompt in ((9, 4), (6, 2), (12, 7)):
+        ids = torch.randint(0, 64, (n,)).tolist()
+        rows.append({"input_ids": ids, "labels": [-100] * prompt + ids[prompt:]})
+    nll = tokens = 0.0
+    for r in rows:  # one row at a time: no padding involved in the reference
+        labelled = sum(label != -100 for label in r["labels"][1:])
+        loss = model(torch.tensor([r["input_ids"]]), labels=torch.tensor([r["labels"]])).loss
+        nll, tokens = nll + loss.item() * labelled, tokens + labelled
+    assert response_loss(model, rows, batch_size=2) == pytest.approx(nll / tokens, rel=1e-5)

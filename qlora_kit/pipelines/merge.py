@@ -49,7 +49,7 @@ from qlora_kit.model.sources import (
 )
 from qlora_kit.modules.lora import lora_scale
 from qlora_kit.modules.nf4_linear import NF4Linear
-from qlora_kit.pipelines.evaluate import exact_match_accuracy, perplexity
+from qlora_kit.pipelines.evaluate import exact_match_accuracy, perplexity, response_loss
 from qlora_kit.pipelines.export import (
     DEFAULT_SHARD_BYTES,
     CheckpointWriter,
@@ -686,17 +686,32 @@ def load_test_examples(recipe: Recipe | None, limit: int | None) -> list[dict]:
     return examples[:limit] if limit else examples
 
 
+def load_validation(recipe: Recipe | None, tokenizer) -> list[dict] | None:
+    """The recipe's validation split, tokenized as training tokenized it (None when there is none)."""
+    from qlora_kit.data import build_datasets
+
+    if recipe is None or not (recipe.data.validation or recipe.data.validation_split):
+        return None
+    # Unpacked: the loss is taken per example, with its own attention mask.
+    validation = build_datasets(replace(recipe.data, packing=False), tokenizer, recipe.training.seed).validation
+    return None if validation is None else [validation[i] for i in range(len(validation))]
+
+
 @dataclass
 class Evaluation:
-    """What every model of the report is measured on: held-out perplexity, and exact match on the test split."""
+    """What every model of the report is measured on: held-out perplexity, the loss on the recipe's
+    validation split (as training reports it), and exact match on the test split."""
 
     tokenizer: Any
     eval_ids: Tensor
     examples: list[dict]
     max_new_tokens: int
+    validation: list[dict] | None = None  # tokenized rows of the recipe's validation split
 
     def __call__(self, model: nn.Module) -> dict:
         result = {"perplexity": perplexity(model, self.eval_ids)}
+        if self.validation:
+            result["val_loss"] = response_loss(model, self.validation)
         if self.examples:
             result["exact_match"], _ = exact_match_accuracy(model, self.tokenizer, self.examples, self.max_new_tokens)
         return result
@@ -705,7 +720,7 @@ class Evaluation:
 def format_report(report: dict) -> str:
     """The table printed at the end of a merge."""
     rows = report["results"]
-    known = (("perplexity", "perplexity", "{:.3f}"), ("exact_match", "exact match", "{:.1%}"),
+    known = (("perplexity", "perplexity", "{:.3f}"), ("val_loss", "val loss", "{:.4f}"), ("exact_match", "exact match", "{:.1%}"),
              ("seconds", "seconds", "{}"))  # fmt: skip
     columns = [c for c in known if any(c[0] in r for r in rows)]
     lines = ["\n" + f"{'model':24}" + "".join(f"{title:>14}" for _, title, _ in columns)]
@@ -798,7 +813,7 @@ def merge(options: MergeOptions) -> dict:
         eval_ids = torch.tensor(tokenizer(Path(o.eval_text).read_text(encoding="utf-8"))["input_ids"])
         max_new_tokens = adapter.recipe.eval.max_new_tokens if adapter.recipe else 64
         examples = load_test_examples(adapter.recipe, o.test_examples)
-        evaluation = Evaluation(tokenizer, eval_ids, examples, max_new_tokens)
+        evaluation = Evaluation(tokenizer, eval_ids, examples, max_new_tokens, load_validation(adapter.recipe, tokenizer))
 
     device = torch.device(o.device) if o.device else default_device()
     compute_dtype = resolve_compute_dtype("auto", device)
