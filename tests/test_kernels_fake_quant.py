@@ -96,24 +96,28 @@ def test_kernel_rejects_mismatched_shapes():
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="the QAT layer takes the kernel path on CUDA only")
 @pytest.mark.parametrize("symmetric", [True, False], ids=["sym", "asym"])
-def test_qat_layer_on_the_kernel_path_matches_the_torch_path(symmetric):
+def test_qat_layer_on_the_kernel_path_follows_the_chain_rule(symmetric):
+    """The layer's forward and STE gradients on CUDA, against float64 on the CPU reference weight."""
     from qlora_kit.modules.lora import LoRALinear, enable_qat
     from qlora_kit.modules.nf4_linear import NF4Linear
 
     torch.manual_seed(0)
+    cfg = FakeQuantConfig("int", 4, 128, symmetric)
     t, _, _ = _case(256, 512, 16, seed=5, shift_rows=2)
     layer = LoRALinear(NF4Linear(t, compute_dtype=torch.bfloat16), r=16, alpha=32)
     torch.nn.init.normal_(layer.lora_B.weight, std=0.02)
-    enable_qat(layer, FakeQuantConfig("int", 4, 128, symmetric))
-    x = torch.randn(4, 64, 512, device="cuda", dtype=torch.bfloat16)
+    enable_qat(layer, cfg)
+    x = torch.randn(4, 64, 512, device="cuda", dtype=torch.bfloat16, requires_grad=True)
     grad_out = torch.randn(4, 64, 256, device="cuda", dtype=torch.bfloat16)
-    results = []
-    for kernel in ("auto", "torch"):
-        layer.base.kernel = kernel
-        layer.zero_grad()
-        xi = x.clone().requires_grad_()
-        y = layer(xi)
-        y.backward(grad_out)
-        results.append((y, xi.grad, layer.lora_A.weight.grad, layer.lora_B.weight.grad))
-    for a, b in zip(*results):
-        assert (a.float() - b.float()).norm() <= 1e-2 * b.float().norm()
+    y = layer(x)
+    y.backward(grad_out)
+
+    a, b, s = layer.lora_A.weight.detach(), layer.lora_B.weight.detach(), layer.scaling
+    w_q, keep, _ = _reference(t, a, b, s, cfg)
+    w, keep = w_q.double(), 1.0 if keep is None else keep.double()
+    x64, g = x.detach().double().reshape(-1, 512), grad_out.double().reshape(-1, 256)
+    grad_w = keep * (g.t() @ x64)  # through the STE to the merged weight
+    expected = (x64 @ w.t(), g @ w, s * b.double().t() @ grad_w, s * grad_w @ a.double().t())
+    for got, want in zip((y.reshape(-1, 256), x.grad.reshape(-1, 512), layer.lora_A.weight.grad,
+                          layer.lora_B.weight.grad), expected):  # fmt: skip
+        assert (got.double() - want).norm() <= 1e-2 * want.norm()
