@@ -2,6 +2,10 @@
 
 import json
 import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -40,6 +44,46 @@ def task_files(tmp_path_factory):
     for name, part in (("train", rows[:48]), ("valid", rows[48:56]), ("test", rows[56:])):
         (path / f"{name}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in part))
     return path
+
+
+@pytest.fixture(scope="session")
+def identical_rows_task(tmp_path_factory):
+    """Train/valid/test files of one repeated row. The samplers of 1 and 2 processes shuffle
+    differently; identical rows make every order give the same batches, so a multi-process
+    run can be compared almost exactly with one process."""
+    path = tmp_path_factory.mktemp("identical-rows")
+    row = json.dumps({"messages": [{"role": "user", "content": "Say the word."}, {"role": "assistant", "content": "banana"}]})
+    for name, n in (("train", 48), ("valid", 8), ("test", 4)):
+        (path / f"{name}.jsonl").write_text((row + "\n") * n)
+    return path
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture
+def free_port() -> int:
+    """A TCP port on localhost nothing listens on (for a process group's rendezvous)."""
+    return _free_port()
+
+
+@pytest.fixture
+def accelerate_launch():
+    """accelerate_launch(config, recipe_file, *overrides): train.py in the processes of
+    recipes/accelerate/<config>, run from the recipe's folder; returns the CompletedProcess."""
+    root = Path(__file__).resolve().parent.parent
+
+    def launch(config: str, recipe_file: Path, *overrides: str) -> subprocess.CompletedProcess:
+        return subprocess.run(
+            [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(root / "recipes/accelerate" / config),
+             "--main_process_port", str(_free_port()), str(root / "train.py"), str(recipe_file), *overrides],
+            cwd=recipe_file.parent, capture_output=True, text=True, timeout=600,
+        )  # fmt: skip
+
+    return launch
 
 
 @pytest.fixture

@@ -1,9 +1,6 @@
 """Data parallel through accelerate: 2 CPU processes (gloo) equal 1 process with 2x gradient accumulation."""
 
 import json
-import socket
-import subprocess
-import sys
 from pathlib import Path
 
 import torch
@@ -12,33 +9,16 @@ from safetensors.torch import load_file
 from qlora_kit.model.adapters import ADAPTER_WEIGHTS
 from qlora_kit.pipelines.train import train
 
-ROOT = Path(__file__).resolve().parent.parent
 
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def test_two_processes_all_reduce_the_adapters(tmp_path, tiny_model_dir, make_recipe):
-    # Identical rows: the samplers of 1 and 2 processes shuffle differently, and this makes
-    # every order give the same batches, so the adapters can be compared almost exactly.
-    task = tmp_path / "task"
-    task.mkdir()
-    row = json.dumps({"messages": [{"role": "user", "content": "Say the word."}, {"role": "assistant", "content": "banana"}]})
-    for name, n in (("train", 48), ("valid", 8)):
-        (task / f"{name}.jsonl").write_text((row + "\n") * n)
+def test_two_processes_all_reduce_the_adapters(tmp_path, tiny_model_dir, identical_rows_task, make_recipe,
+                                                accelerate_launch):  # fmt: skip
     steps = ["training.max_steps=4", "training.batch_size=4", "training.save_steps=100", "data.test=null"]
-    single = make_recipe(tmp_path / "single", tiny_model_dir, task, *steps, "training.gradient_accumulation_steps=2")
+    single = make_recipe(tmp_path / "single", tiny_model_dir, identical_rows_task, *steps,
+                         "training.gradient_accumulation_steps=2")  # fmt: skip
     train(single)
 
-    make_recipe(tmp_path / "ddp", tiny_model_dir, task, *steps)  # writes tmp_path/ddp/recipe.yaml
-    result = subprocess.run(
-        [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(ROOT / "recipes/accelerate/ddp-cpu.yaml"),
-         "--main_process_port", str(_free_port()), str(ROOT / "train.py"), str(tmp_path / "ddp" / "recipe.yaml"), *steps],
-        cwd=tmp_path, capture_output=True, text=True, timeout=600,
-    )  # fmt: skip
+    make_recipe(tmp_path / "ddp", tiny_model_dir, identical_rows_task, *steps)  # writes tmp_path/ddp/recipe.yaml
+    result = accelerate_launch("ddp-cpu.yaml", tmp_path / "ddp" / "recipe.yaml", *steps)
     assert result.returncode == 0, result.stderr[-3000:]
 
     # The same losses and gradient norms step by step: the all-reduced gradient is the accumulated one.

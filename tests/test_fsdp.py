@@ -2,9 +2,6 @@
 
 import json
 import shutil
-import socket
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -35,14 +32,6 @@ from qlora_kit.model.sft import SFTModel
 from qlora_kit.modules.nf4_linear import NF4_STORAGE, QUANT_STORAGE_DTYPES, NF4Linear
 from qlora_kit.pipelines.train import train
 from qlora_kit.quant.nf4 import quantize_nf4
-
-ROOT = Path(__file__).resolve().parent.parent
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.mark.parametrize("dtype", QUANT_STORAGE_DTYPES)
@@ -144,29 +133,19 @@ def _sharding_worker(rank: int, port: int, model_dir: str, adapter_dir: str) -> 
         dist.destroy_process_group()
 
 
-def test_nf4_weights_are_sharded_and_gathered_bit_exact(tmp_path, tiny_model_dir):
-    torch.multiprocessing.spawn(_sharding_worker, args=(_free_port(), str(tiny_model_dir), str(tmp_path / "adapter")),
+def test_nf4_weights_are_sharded_and_gathered_bit_exact(tmp_path, tiny_model_dir, free_port):
+    torch.multiprocessing.spawn(_sharding_worker, args=(free_port, str(tiny_model_dir), str(tmp_path / "adapter")),
                                 nprocs=2)  # fmt: skip
 
 
-def test_fsdp_training_equals_one_process(tmp_path, tiny_model_dir, make_recipe):
-    # Identical rows: the samplers of 1 and 2 processes shuffle differently, and this makes
-    # every order give the same batches, so the adapters can be compared almost exactly.
-    task = tmp_path / "task"
-    task.mkdir()
-    row = json.dumps({"messages": [{"role": "user", "content": "Say the word."}, {"role": "assistant", "content": "banana"}]})
-    for name, n in (("train", 48), ("valid", 8), ("test", 4)):
-        (task / f"{name}.jsonl").write_text((row + "\n") * n)
+def test_fsdp_training_equals_one_process(tmp_path, tiny_model_dir, identical_rows_task, make_recipe, accelerate_launch):
     steps = ["training.max_steps=4", "training.batch_size=4", "training.save_steps=2"]
-    single = make_recipe(tmp_path / "single", tiny_model_dir, task, *steps, "training.gradient_accumulation_steps=2")
+    single = make_recipe(tmp_path / "single", tiny_model_dir, identical_rows_task, *steps,
+                         "training.gradient_accumulation_steps=2")  # fmt: skip
     train(single)
 
-    make_recipe(tmp_path / "fsdp", tiny_model_dir, task, *steps)  # writes tmp_path/fsdp/recipe.yaml
-    result = subprocess.run(
-        [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(ROOT / "recipes/accelerate/fsdp-cpu.yaml"),
-         "--main_process_port", str(_free_port()), str(ROOT / "train.py"), str(tmp_path / "fsdp" / "recipe.yaml"), *steps],
-        cwd=tmp_path, capture_output=True, text=True, timeout=600,
-    )  # fmt: skip
+    make_recipe(tmp_path / "fsdp", tiny_model_dir, identical_rows_task, *steps)  # writes tmp_path/fsdp/recipe.yaml
+    result = accelerate_launch("fsdp-cpu.yaml", tmp_path / "fsdp" / "recipe.yaml", *steps)
     assert result.returncode == 0, result.stderr[-3000:]
     assert "FSDP over 2 processes: this one holds 50.0% of the" in result.stderr
 
@@ -198,8 +177,8 @@ def test_fsdp_training_equals_one_process(tmp_path, tiny_model_dir, make_recipe)
 
     # One process resumes from the FSDP run's checkpoint and ends where it would have on its own.
     shutil.copytree(fsdp_out / "checkpoint-2", tmp_path / "resumed" / "out" / "checkpoint-2")
-    resumed = make_recipe(tmp_path / "resumed", tiny_model_dir, task, *steps, "training.gradient_accumulation_steps=2",
-                          "training.resume=true", "data.test=null")  # fmt: skip
+    resumed = make_recipe(tmp_path / "resumed", tiny_model_dir, identical_rows_task, *steps,
+                          "training.gradient_accumulation_steps=2", "training.resume=true", "data.test=null")  # fmt: skip
     train(resumed)
     c = load_file(str(Path(resumed.output.dir) / ADAPTER_WEIGHTS))
     for key in a:
