@@ -8,6 +8,7 @@ packing.unpack_* of the written files for what the report evaluated.
 import json
 import shutil
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -17,6 +18,7 @@ from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM, Pr
 import qlora_kit.pipelines.merge as merge_module
 from qlora_kit.cli import main
 from qlora_kit.config import load_recipe, save_recipe
+from qlora_kit.data import DataCollator
 from qlora_kit.model.adapters import ADAPTER_WEIGHTS, AdapterError, add_lora, lora_modules, peft_config, save_adapter
 from qlora_kit.model.load import load_quantized
 from qlora_kit.model.sources import load_config, resolve_source
@@ -437,4 +439,6 @@ def test_response_loss_is_the_mean_over_labelled_tokens():
         labelled = sum(label != -100 for label in r["labels"][1:])
         loss = model(torch.tensor([r["input_ids"]]), labels=torch.tensor([r["labels"]])).loss
         nll, tokens = nll + loss.item() * labelled, tokens + labelled
-    assert response_loss(model, rows, batch_size=2) == pytest.approx(nll / tokens, rel=1e-5)
+    collate = DataCollator(SimpleNamespace(pad_token_id=0, eos_token_id=None))
+    batches = [collate(rows[:2]), collate(rows[2:])]
+    assert response_loss(model, batches) == pytest.approx(nll / tokens, rel=1e-5)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Iterable
 
 import torch
 from torch import nn
@@ -33,29 +34,23 @@ def perplexity(model: nn.Module, token_ids: torch.Tensor, seq_len: int = 512, pr
 
 
 @torch.no_grad()
-def response_loss(model: nn.Module, rows: list[dict], batch_size: int = 8) -> float:
-    """Mean next-token cross-entropy over the labelled tokens of tokenized rows.
+def response_loss(model: nn.Module, batches: Iterable[dict]) -> float:
+    """Mean next-token cross-entropy over the labelled tokens (label != -100) of padded batches.
 
-    ``rows`` hold ``input_ids`` and ``labels`` (-100: not scored), as the data module
-    tokenizes a validation split: the loss training reports as validation loss.
+    ``batches``: what the data module's ``DataCollator`` makes of a tokenized validation
+    split (``input_ids``, ``labels`` and the attention mask): the loss training reports as
+    validation loss.
     """
     device = next(model.parameters()).device
     total_nll, total_tokens = 0.0, 0
-    for start in range(0, len(rows), batch_size):
-        batch = rows[start : start + batch_size]
-        width = max(len(r["input_ids"]) for r in batch)
-        ids = torch.zeros(len(batch), width, dtype=torch.long)
-        labels = torch.full((len(batch), width), -100)
-        mask = torch.zeros(len(batch), width, dtype=torch.long)
-        for i, r in enumerate(batch):
-            n = len(r["input_ids"])
-            ids[i, :n], labels[i, :n], mask[i, :n] = torch.tensor(r["input_ids"]), torch.tensor(r["labels"]), 1
-        logits = model(ids.to(device), attention_mask=mask.to(device)).logits[:, :-1].float()
-        targets = labels[:, 1:].to(device)
+    for batch in batches:
+        inputs = {k: v.to(device) for k, v in batch.items() if k != "labels"}
+        logits = model(**inputs).logits[:, :-1].float()
+        targets = batch["labels"][:, 1:].to(device)
         total_nll += nn.functional.cross_entropy(logits.transpose(1, 2), targets, reduction="sum").item()
         total_tokens += int((targets != -100).sum())
     if total_tokens == 0:
-        raise ValueError("response_loss: no labelled tokens in the rows")
+        raise ValueError("response_loss: no labelled tokens in the batches")
     return total_nll / total_tokens
 
 

@@ -686,15 +686,20 @@ def load_test_examples(recipe: Recipe | None, limit: int | None) -> list[dict]:
     return examples[:limit] if limit else examples
 
 
-def load_validation(recipe: Recipe | None, tokenizer) -> list[dict] | None:
-    """The recipe's validation split, tokenized as training tokenized it (None when there is none)."""
-    from qlora_kit.data import build_datasets
+def load_validation(recipe: Recipe | None, tokenizer, batch_size: int = 8) -> list[dict] | None:
+    """The recipe's validation split, tokenized as training tokenized it and padded into
+    batches by its collator (None when there is none)."""
+    from qlora_kit.data import DataCollator, build_datasets
 
     if recipe is None or not (recipe.data.validation or recipe.data.validation_split):
         return None
     # Unpacked: the loss is taken per example, with its own attention mask.
     validation = build_datasets(replace(recipe.data, packing=False), tokenizer, recipe.training.seed).validation
-    return None if validation is None else [validation[i] for i in range(len(validation))]
+    if validation is None:
+        return None
+    collate = DataCollator(tokenizer)
+    return [collate([validation[i] for i in range(start, min(start + batch_size, len(validation)))])
+            for start in range(0, len(validation), batch_size)]  # fmt: skip
 
 
 @dataclass
@@ -706,7 +711,7 @@ class Evaluation:
     eval_ids: Tensor
     examples: list[dict]
     max_new_tokens: int
-    validation: list[dict] | None = None  # tokenized rows of the recipe's validation split
+    validation: list[dict] | None = None  # padded batches of the recipe's validation split
 
     def __call__(self, model: nn.Module) -> dict:
         result = {"perplexity": perplexity(model, self.eval_ids)}
