@@ -40,12 +40,29 @@ if triton is not None:
 
     @triton.jit
     def _fq_merged_nf4_kernel(
-        packed_ptr, absmax_q_ptr, nested_ptr, offset_ptr, code4_ptr, code8_ptr,
-        a_ptr, b_ptr, out_ptr, clipped_ptr, scaling, n, k, r,
-        BLOCK_N: tl.constexpr, GROUP: tl.constexpr, BLOCK_R: tl.constexpr,
-        BLOCKSIZE: tl.constexpr, NESTED_BLOCKSIZE: tl.constexpr,
-        MAXQ: tl.constexpr, SYMMETRIC: tl.constexpr, BF16_BY_BITS: tl.constexpr,
-    ):  # fmt: skip
+        packed_ptr,
+        absmax_q_ptr,
+        nested_ptr,
+        offset_ptr,
+        code4_ptr,
+        code8_ptr,
+        a_ptr,
+        b_ptr,
+        out_ptr,
+        clipped_ptr,
+        scaling,
+        n,
+        k,
+        r,
+        BLOCK_N: tl.constexpr,
+        GROUP: tl.constexpr,
+        BLOCK_R: tl.constexpr,
+        BLOCKSIZE: tl.constexpr,
+        NESTED_BLOCKSIZE: tl.constexpr,
+        MAXQ: tl.constexpr,
+        SYMMETRIC: tl.constexpr,
+        BF16_BY_BITS: tl.constexpr,
+    ):
         rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
         cols = tl.program_id(1) * GROUP + tl.arange(0, GROUP)
         row_ok = rows < n
@@ -147,11 +164,29 @@ def fake_quant_merged_nf4(
     clipped = torch.zeros(1, dtype=torch.int32, device=packed.device)
     grid = (triton.cdiv(n, _BLOCK_N), k // group_size)
     _fq_merged_nf4_kernel[grid](
-        packed, absmax_q, nested_absmax, offset, code4, code8,
-        lora_a.contiguous(), lora_b.contiguous(), out, clipped, float(scaling), n, k, r,
-        BLOCK_N=_BLOCK_N, GROUP=group_size, BLOCK_R=max(16, triton.next_power_of_2(r)),
-        BLOCKSIZE=blocksize, NESTED_BLOCKSIZE=nested_blocksize, MAXQ=2**bits - 1, SYMMETRIC=symmetric,
+        packed,
+        absmax_q,
+        nested_absmax,
+        offset,
+        code4,
+        code8,
+        lora_a.contiguous(),
+        lora_b.contiguous(),
+        out,
+        clipped,
+        float(scaling),
+        n,
+        k,
+        r,
+        BLOCK_N=_BLOCK_N,
+        GROUP=group_size,
+        BLOCK_R=max(16, triton.next_power_of_2(r)),
+        BLOCKSIZE=blocksize,
+        NESTED_BLOCKSIZE=nested_blocksize,
+        MAXQ=2**bits - 1,
+        SYMMETRIC=symmetric,
         BF16_BY_BITS=_INTERPRET and dtype == torch.bfloat16,
-        num_warps=_NUM_WARPS, enable_fp_fusion=False,
-    )  # fmt: skip
+        num_warps=_NUM_WARPS,
+        enable_fp_fusion=False,
+    )
     return out, None if symmetric else clipped

@@ -34,11 +34,23 @@ if triton is not None:
 
     @triton.jit
     def _dequant_kernel(
-        packed_ptr, absmax_q_ptr, nested_ptr, offset_ptr, code4_ptr, code8_ptr, out_ptr,
-        n, n_bytes, n_blocks,
-        BLOCK: tl.constexpr, BLOCKSIZE: tl.constexpr, NESTED_BLOCKSIZE: tl.constexpr,
-        VEC: tl.constexpr, EVEN: tl.constexpr, BF16_BY_BITS: tl.constexpr,
-    ):  # fmt: skip
+        packed_ptr,
+        absmax_q_ptr,
+        nested_ptr,
+        offset_ptr,
+        code4_ptr,
+        code8_ptr,
+        out_ptr,
+        n,
+        n_bytes,
+        n_blocks,
+        BLOCK: tl.constexpr,
+        BLOCKSIZE: tl.constexpr,
+        NESTED_BLOCKSIZE: tl.constexpr,
+        VEC: tl.constexpr,
+        EVEN: tl.constexpr,
+        BF16_BY_BITS: tl.constexpr,
+    ):
         ROWS: tl.constexpr = BLOCK // BLOCKSIZE  # absmax blocks in the tile
         GROUPS: tl.constexpr = BLOCK // (2 * VEC)  # groups of VEC packed bytes in the tile
         # 64-bit tile base, 32-bit offsets inside the tile: weights may exceed 2^31 elements.
@@ -90,10 +102,16 @@ if triton is not None:
 
     @triton.jit
     def _quant_kernel(
-        x_ptr, midpoints_ptr, packed_ptr, absmax_ptr,
-        n, n_bytes, n_blocks,
-        BLOCK: tl.constexpr, BLOCKSIZE: tl.constexpr,
-    ):  # fmt: skip
+        x_ptr,
+        midpoints_ptr,
+        packed_ptr,
+        absmax_ptr,
+        n,
+        n_bytes,
+        n_blocks,
+        BLOCK: tl.constexpr,
+        BLOCKSIZE: tl.constexpr,
+    ):
         ROWS: tl.constexpr = BLOCK // BLOCKSIZE  # absmax blocks in the tile
         HALF: tl.constexpr = BLOCKSIZE // 2  # packed bytes per block
         pid = tl.program_id(0).to(tl.int64)
@@ -193,20 +211,32 @@ def dequantize_nf4_dq(
         ("code4", code4, torch.float32, 16),
         ("code8", code8, torch.float32, 256),
     ):
-        _check(t.dtype == t_dtype and t.numel() == numel and t.device == packed.device,
-               f"{name}: expected {t_dtype} with {numel} elements on {packed.device} for a weight of shape "
-               f"{tuple(shape)}, got {t.dtype} with {t.numel()} on {t.device}")  # fmt: skip
+        _check(
+            t.dtype == t_dtype and t.numel() == numel and t.device == packed.device,
+            f"{name}: expected {t_dtype} with {numel} elements on {packed.device} for a weight of shape "
+            f"{tuple(shape)}, got {t.dtype} with {t.numel()} on {t.device}",
+        )
     if out is None:
         out = torch.empty(shape, dtype=dtype, device=packed.device)
     else:
-        _check(out.shape == shape and out.dtype == dtype and out.is_contiguous() and out.device == packed.device,
-               f"out: expected a contiguous {dtype} tensor of shape {tuple(shape)} on {packed.device}, "
-               f"got {out.dtype} {tuple(out.shape)} on {out.device} (contiguous={out.is_contiguous()})")  # fmt: skip
+        _check(
+            out.shape == shape and out.dtype == dtype and out.is_contiguous() and out.device == packed.device,
+            f"out: expected a contiguous {dtype} tensor of shape {tuple(shape)} on {packed.device}, "
+            f"got {out.dtype} {tuple(out.shape)} on {out.device} (contiguous={out.is_contiguous()})",
+        )
 
     args = (
-        packed.contiguous(), absmax_q.contiguous(), nested_absmax.contiguous(), offset,
-        code4.contiguous(), code8.contiguous(), out, n, packed.numel(), n_blocks,
-    )  # fmt: skip
+        packed.contiguous(),
+        absmax_q.contiguous(),
+        nested_absmax.contiguous(),
+        offset,
+        code4.contiguous(),
+        code8.contiguous(),
+        out,
+        n,
+        packed.numel(),
+        n_blocks,
+    )
     consts = {
         "BLOCKSIZE": blocksize,
         "NESTED_BLOCKSIZE": nested_blocksize,
@@ -223,7 +253,9 @@ def dequantize_nf4_dq(
     return out
 
 
-def quantize_nf4_blocks(flat: torch.Tensor, code4: torch.Tensor, blocksize: int = 64) -> tuple[torch.Tensor, torch.Tensor]:
+def quantize_nf4_blocks(
+    flat: torch.Tensor, code4: torch.Tensor, blocksize: int = 64
+) -> tuple[torch.Tensor, torch.Tensor]:
     """First-level NF4 quantization: per-block absmax and the packed nearest codes.
 
     Per block, ``absmax = max|x|`` (fp32); ``scaled = clamp(x * (1 / max(absmax, 1e-38)), -1, 1)``;
@@ -242,7 +274,9 @@ def quantize_nf4_blocks(flat: torch.Tensor, code4: torch.Tensor, blocksize: int 
         first-level absmax.
     """
     _check_blocksize(blocksize)
-    _check(flat.dtype in (torch.bfloat16, torch.float16, torch.float32), f"flat: expected bf16/fp16/fp32, got {flat.dtype}")
+    _check(
+        flat.dtype in (torch.bfloat16, torch.float16, torch.float32), f"flat: expected bf16/fp16/fp32, got {flat.dtype}"
+    )
     _check(code4.dtype == torch.float32 and code4.numel() == 16, "code4: expected 16 float32 values")
     x = flat.reshape(-1).contiguous()
     n = x.numel()
@@ -253,7 +287,16 @@ def quantize_nf4_blocks(flat: torch.Tensor, code4: torch.Tensor, blocksize: int 
     packed = torch.empty((n + 1) // 2, dtype=torch.uint8, device=x.device)
     absmax = torch.empty(n_blocks, dtype=torch.float32, device=x.device)
     _quant_kernel[(triton.cdiv(n, _QUANT_BLOCK),)](
-        x, midpoints, packed, absmax, n, packed.numel(), n_blocks,
-        BLOCK=_QUANT_BLOCK, BLOCKSIZE=blocksize, num_warps=_QUANT_WARPS, enable_fp_fusion=False,
-    )  # fmt: skip
+        x,
+        midpoints,
+        packed,
+        absmax,
+        n,
+        packed.numel(),
+        n_blocks,
+        BLOCK=_QUANT_BLOCK,
+        BLOCKSIZE=blocksize,
+        num_warps=_QUANT_WARPS,
+        enable_fp_fusion=False,
+    )
     return packed, absmax

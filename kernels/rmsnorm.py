@@ -45,9 +45,17 @@ if triton is not None:
 
     @triton.jit
     def _rms_norm_forward_kernel(
-        x_ptr, w_ptr, y_ptr, rstd_ptr, n_cols, stride_x, stride_y, eps,
-        BLOCK: tl.constexpr, BF16_BY_BITS: tl.constexpr,
-    ):  # fmt: skip
+        x_ptr,
+        w_ptr,
+        y_ptr,
+        rstd_ptr,
+        n_cols,
+        stride_x,
+        stride_y,
+        eps,
+        BLOCK: tl.constexpr,
+        BF16_BY_BITS: tl.constexpr,
+    ):
         row = tl.program_id(0).to(tl.int64)
         cols = tl.arange(0, BLOCK)
         mask = cols < n_cols
@@ -62,10 +70,22 @@ if triton is not None:
 
     @triton.jit
     def _rms_norm_backward_kernel(
-        dy_ptr, x_ptr, w_ptr, rstd_ptr, dx_ptr, dw_partial_ptr,
-        n_rows, n_cols, rows_per_program, stride_dy, stride_x, stride_dx,
-        BLOCK: tl.constexpr, HAS_DW: tl.constexpr, BF16_BY_BITS: tl.constexpr,
-    ):  # fmt: skip
+        dy_ptr,
+        x_ptr,
+        w_ptr,
+        rstd_ptr,
+        dx_ptr,
+        dw_partial_ptr,
+        n_rows,
+        n_cols,
+        rows_per_program,
+        stride_dy,
+        stride_x,
+        stride_dx,
+        BLOCK: tl.constexpr,
+        HAS_DW: tl.constexpr,
+        BF16_BY_BITS: tl.constexpr,
+    ):
         pid = tl.program_id(0)
         cols = tl.arange(0, BLOCK)
         mask = cols < n_cols
@@ -120,11 +140,14 @@ def rms_norm_forward(x: torch.Tensor, weight: torch.Tensor, eps: float) -> tuple
         fp32 per-row ``rstd`` ``[x.numel() // n]`` that :func:`rms_norm_backward` needs.
     """
     n_cols = x.shape[-1]
-    _check(x.dtype in _DTYPES and weight.dtype in _DTYPES,
-           f"x, weight: expected bf16/fp16/fp32, got {x.dtype}, {weight.dtype}")  # fmt: skip
-    _check(weight.shape == (n_cols,),
-           f"weight: expected shape ({n_cols},) for x of shape {tuple(x.shape)}, "
-           f"got {tuple(weight.shape)}")  # fmt: skip
+    _check(
+        x.dtype in _DTYPES and weight.dtype in _DTYPES,
+        f"x, weight: expected bf16/fp16/fp32, got {x.dtype}, {weight.dtype}",
+    )
+    _check(
+        weight.shape == (n_cols,),
+        f"weight: expected shape ({n_cols},) for x of shape {tuple(x.shape)}, got {tuple(weight.shape)}",
+    )
     _check(weight.device == x.device, f"weight is on {weight.device}, x on {x.device}")
     _check(0 < n_cols <= MAX_COLS, f"x: the last dim must be in [1, {MAX_COLS}], got {n_cols}")
     x2 = _rows(x, n_cols)
@@ -134,9 +157,18 @@ def rms_norm_forward(x: torch.Tensor, weight: torch.Tensor, eps: float) -> tuple
     rstd = torch.empty(n_rows, dtype=torch.float32, device=x.device)
     block, num_warps = _launch_params(n_cols)
     _rms_norm_forward_kernel[(n_rows,)](
-        x2, weight.contiguous(), y, rstd, n_cols, x2.stride(0), n_cols, eps,
-        BLOCK=block, BF16_BY_BITS=_INTERPRET, num_warps=num_warps,
-    )  # fmt: skip
+        x2,
+        weight.contiguous(),
+        y,
+        rstd,
+        n_cols,
+        x2.stride(0),
+        n_cols,
+        eps,
+        BLOCK=block,
+        BF16_BY_BITS=_INTERPRET,
+        num_warps=num_warps,
+    )
     return y, rstd
 
 
@@ -170,8 +202,21 @@ def rms_norm_backward(
         programs, dw_partial = n_rows, dx  # dw_partial is a placeholder: the kernel touches it only with HAS_DW
     block, num_warps = _launch_params(n_cols)
     _rms_norm_backward_kernel[(programs,)](
-        dy2, x2, weight.contiguous(), rstd, dx, dw_partial,
-        n_rows, n_cols, triton.cdiv(n_rows, programs), dy2.stride(0), x2.stride(0), n_cols,
-        BLOCK=block, HAS_DW=weight_grad, BF16_BY_BITS=_INTERPRET, num_warps=num_warps,
-    )  # fmt: skip
+        dy2,
+        x2,
+        weight.contiguous(),
+        rstd,
+        dx,
+        dw_partial,
+        n_rows,
+        n_cols,
+        triton.cdiv(n_rows, programs),
+        dy2.stride(0),
+        x2.stride(0),
+        n_cols,
+        BLOCK=block,
+        HAS_DW=weight_grad,
+        BF16_BY_BITS=_INTERPRET,
+        num_warps=num_warps,
+    )
     return dx, (dw_partial.sum(0).to(weight.dtype) if weight_grad else None)

@@ -35,11 +35,28 @@ if triton is not None:
 
     @triton.jit
     def _rope_kernel(
-        x_ptr, cos_ptr, sin_ptr, out_ptr, n_heads, seq_len, half,
-        stride_xb, stride_xh, stride_xs, stride_ob, stride_oh, stride_os,
-        stride_cb, stride_cs, stride_sb, stride_ss,
-        BLOCK_S: tl.constexpr, BLOCK_HALF: tl.constexpr, TRANSPOSE: tl.constexpr, BF16_BY_BITS: tl.constexpr,
-    ):  # fmt: skip
+        x_ptr,
+        cos_ptr,
+        sin_ptr,
+        out_ptr,
+        n_heads,
+        seq_len,
+        half,
+        stride_xb,
+        stride_xh,
+        stride_xs,
+        stride_ob,
+        stride_oh,
+        stride_os,
+        stride_cb,
+        stride_cs,
+        stride_sb,
+        stride_ss,
+        BLOCK_S: tl.constexpr,
+        BLOCK_HALF: tl.constexpr,
+        TRANSPOSE: tl.constexpr,
+        BF16_BY_BITS: tl.constexpr,
+    ):
         # 64-bit (batch, head) bases; positions times their stride stay within one batch element.
         b = (tl.program_id(0) // n_heads).to(tl.int64)
         h = (tl.program_id(0) % n_heads).to(tl.int64)
@@ -78,11 +95,15 @@ def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, dtype: torch.
     batch, heads, seq, head_dim = x.shape
     _check(head_dim % 2 == 0, f"head_dim must be even, got {head_dim}")
     for name, t in (("cos", cos), ("sin", sin)):
-        _check(t.dim() == 3 and t.shape[0] in (1, batch) and t.shape[1:] == (seq, head_dim),
-               f"{name}: expected [1 or {batch}, {seq}, {head_dim}], got {tuple(t.shape)}")  # fmt: skip
+        _check(
+            t.dim() == 3 and t.shape[0] in (1, batch) and t.shape[1:] == (seq, head_dim),
+            f"{name}: expected [1 or {batch}, {seq}, {head_dim}], got {tuple(t.shape)}",
+        )
         _check(t.device == x.device, f"{name} is on {t.device}, x on {x.device}")
-    _check(x.dtype in _DTYPES and cos.dtype in _DTYPES and sin.dtype in _DTYPES and dtype in _DTYPES,
-           f"expected bf16/fp16/fp32, got x {x.dtype}, cos {cos.dtype}, sin {sin.dtype}, output {dtype}")  # fmt: skip
+    _check(
+        x.dtype in _DTYPES and cos.dtype in _DTYPES and sin.dtype in _DTYPES and dtype in _DTYPES,
+        f"expected bf16/fp16/fp32, got x {x.dtype}, cos {cos.dtype}, sin {sin.dtype}, output {dtype}",
+    )
     # Any strides but a unit one along head_dim; a batch of 1 in cos/sin broadcasts (stride 0).
     x, cos, sin = (t if t.stride(-1) == 1 else t.contiguous() for t in (x, cos, sin))
     cos, sin = cos.expand(batch, seq, head_dim), sin.expand(batch, seq, head_dim)
@@ -91,10 +112,23 @@ def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, dtype: torch.
     block_half = triton.next_power_of_2(half)
     block_s = max(1, _TILE // (2 * block_half))
     _rope_kernel[(batch * heads, triton.cdiv(seq, block_s))](
-        x, cos, sin, out, heads, seq, half,
-        *x.stride()[:3], *out.stride()[:3], *cos.stride()[:2], *sin.stride()[:2],
-        BLOCK_S=block_s, BLOCK_HALF=block_half, TRANSPOSE=transpose, BF16_BY_BITS=_INTERPRET, num_warps=_WARPS,
-    )  # fmt: skip
+        x,
+        cos,
+        sin,
+        out,
+        heads,
+        seq,
+        half,
+        *x.stride()[:3],
+        *out.stride()[:3],
+        *cos.stride()[:2],
+        *sin.stride()[:2],
+        BLOCK_S=block_s,
+        BLOCK_HALF=block_half,
+        TRANSPOSE=transpose,
+        BF16_BY_BITS=_INTERPRET,
+        num_warps=_WARPS,
+    )
     return out
 
 

@@ -41,7 +41,7 @@ if triton is not None:
     @triton.jit
     def _swiglu_backward_kernel(
         dh_ptr, g_ptr, u_ptr, dg_ptr, du_ptr, n, BLOCK: tl.constexpr, BF16_BY_BITS: tl.constexpr
-    ):  # fmt: skip
+    ):
         offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
         mask = offs < n
         dh = tl.load(dh_ptr + offs, mask=mask).to(tl.float32)
@@ -61,9 +61,10 @@ def _check(cond: bool, message: str) -> None:
 
 def _check_pair(name: str, a: torch.Tensor, b: torch.Tensor) -> None:
     _check(a.dtype in _DTYPES and b.dtype in _DTYPES, f"{name}: expected bf16/fp16/fp32, got {a.dtype}, {b.dtype}")
-    _check(a.shape == b.shape and a.device == b.device,
-           f"{name}: expected one shape and device, got {tuple(a.shape)} on {a.device} "
-           f"and {tuple(b.shape)} on {b.device}")  # fmt: skip
+    _check(
+        a.shape == b.shape and a.device == b.device,
+        f"{name}: expected one shape and device, got {tuple(a.shape)} on {a.device} and {tuple(b.shape)} on {b.device}",
+    )
 
 
 def swiglu_forward(g: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
@@ -79,7 +80,7 @@ def swiglu_forward(g: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
     n = g.numel()
     _swiglu_forward_kernel[(triton.cdiv(n, _BLOCK),)](
         g, u, h, n, BLOCK=_BLOCK, BF16_BY_BITS=_INTERPRET, num_warps=_WARPS
-    )  # fmt: skip
+    )
     return h
 
 
@@ -96,5 +97,5 @@ def swiglu_backward(grad_h: torch.Tensor, g: torch.Tensor, u: torch.Tensor) -> t
     n = g.numel()
     _swiglu_backward_kernel[(triton.cdiv(n, _BLOCK),)](
         grad_h, g, u, dg, du, n, BLOCK=_BLOCK, BF16_BY_BITS=_INTERPRET, num_warps=_WARPS
-    )  # fmt: skip
+    )
     return dg, du

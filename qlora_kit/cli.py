@@ -43,24 +43,44 @@ def build_parser() -> argparse.ArgumentParser:
     merge = commands.add_parser("merge", help="merge adapters into the base; optionally re-quantize (docs/merge.md)")
     merge.add_argument("adapter_dir", metavar="ADAPTER_DIR", help="a trained adapter, e.g. outputs/quickstart")
     merge.add_argument("--out", required=True, help="output directory (written as DIR.partial-<pid>, then renamed)")
-    merge.add_argument("--quantize", choices=("none", "gptq", "awq", "rtn"), default="none",
-                       help="checkpoint to write: merged bf16 (none), GPTQ v1, AWQ gemm, or RTN in the GPTQ v1 layout")
+    merge.add_argument(
+        "--quantize",
+        choices=("none", "gptq", "awq", "rtn"),
+        default="none",
+        help="checkpoint to write: merged bf16 (none), GPTQ v1, AWQ gemm, or RTN in the GPTQ v1 layout",
+    )
     merge.add_argument("--bits", type=int, default=4)
     merge.add_argument("--group-size", type=int, default=128, help="-1 for one group per row")
-    merge.add_argument("--sym", action=argparse.BooleanOptionalAction, default=True,
-                       help="symmetric GPTQ/RTN grid (AWQ is always asymmetric)")
+    merge.add_argument(
+        "--sym",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="symmetric GPTQ/RTN grid (AWQ is always asymmetric)",
+    )
     merge.add_argument("--act-order", action="store_true", help="GPTQ: quantize columns by decreasing Hessian diagonal")
-    merge.add_argument("--damp-percent", type=float, default=0.1,
-                       help="GPTQ Hessian damping, times the diagonal's mean (docs/merge.md: why not 0.01)")
-    merge.add_argument("--merge-into", choices=("nf4", "original"), default="nf4",
-                       help="add the adapters to the dequantized NF4 weights (what training saw) or to the originals")
+    merge.add_argument(
+        "--damp-percent",
+        type=float,
+        default=0.1,
+        help="GPTQ Hessian damping, times the diagonal's mean (docs/merge.md: why not 0.01)",
+    )
+    merge.add_argument(
+        "--merge-into",
+        choices=("nf4", "original"),
+        default="nf4",
+        help="add the adapters to the dequantized NF4 weights (what training saw) or to the originals",
+    )
     merge.add_argument("--base", help="base model (default: the one the adapter was trained on)")
-    merge.add_argument("--calibration", metavar="PATH",
-                       help=".txt/.jsonl/... file or dataset (default: the training data named in recipe.yaml)")
+    merge.add_argument(
+        "--calibration",
+        metavar="PATH",
+        help=".txt/.jsonl/... file or dataset (default: the training data named in recipe.yaml)",
+    )
     merge.add_argument("--calibration-samples", type=int, default=128)
     merge.add_argument("--calibration-seq-len", type=int, default=2048)
-    merge.add_argument("--report", action="store_true",
-                       help="also build and evaluate merged bf16, RTN, GPTQ and AWQ in memory")
+    merge.add_argument(
+        "--report", action="store_true", help="also build and evaluate merged bf16, RTN, GPTQ and AWQ in memory"
+    )
     merge.add_argument("--no-eval", action="store_true", help="skip perplexity / accuracy")
     merge.add_argument("--eval-text", default="examples/heldout/essays.txt", help="held-out text for perplexity")
     merge.add_argument("--test-examples", type=int, help="at most this many test examples for exact match")

@@ -10,10 +10,11 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from functools import reduce
 from pathlib import Path
-from typing import Any, Callable, Iterator, Optional, Sequence
+from typing import Any
 
 import yaml
 from omegaconf import MISSING, OmegaConf
@@ -31,7 +32,7 @@ class ModelSection:
     """model: the base model and how it computes."""
 
     name_or_path: str = "smollm2"
-    gguf_file: Optional[str] = None
+    gguf_file: str | None = None
     compute_dtype: str = "auto"
     attn_implementation: str = "sdpa"
 
@@ -68,7 +69,7 @@ class QATSection:
     group_size: int = 128
     symmetric: bool = True
     start_step: int = 0
-    activation_bits: Optional[int] = None
+    activation_bits: int | None = None
 
 
 @dataclass
@@ -76,16 +77,16 @@ class DataSection:
     """data: where the examples come from and how they become tokens."""
 
     train: str = MISSING
-    validation: Optional[str] = None
+    validation: str | None = None
     validation_split: float = 0.0
-    test: Optional[str] = None
+    test: str | None = None
     format: str = "auto"
     split: str = "train"
     max_seq_len: int = 1024
     packing: bool = False
     train_on_prompt: bool = False
     on_bad_row: str = "error"
-    system_prompt: Optional[str] = None
+    system_prompt: str | None = None
 
 
 @dataclass
@@ -115,7 +116,7 @@ class TrainingSection:
     offload_adapters: bool = False
     seed: int = 42
     logging_steps: int = 10
-    eval_steps: Optional[int] = None
+    eval_steps: int | None = None
     save_steps: int = 100
     save_total_limit: int = 3
     resume: bool = False
@@ -126,7 +127,7 @@ class EvalSection:
     """eval: generation on the test split."""
 
     max_new_tokens: int = 64
-    max_test_examples: Optional[int] = None
+    max_test_examples: int | None = None
 
 
 @dataclass
@@ -142,7 +143,7 @@ class OutputSection:
 class Recipe:
     """A whole recipe. ``extends`` is always None once loaded: the chain is merged in."""
 
-    extends: Optional[str] = None
+    extends: str | None = None
     model: ModelSection = field(default_factory=ModelSection)
     quantization: QuantizationSection = field(default_factory=QuantizationSection)
     lora: LoraSection = field(default_factory=LoraSection)
@@ -168,8 +169,15 @@ _CHOICES: dict[str, tuple] = {
     "data.format": ("auto", "messages", "prompt_completion", "alpaca", "text"),
     "data.on_bad_row": ("error", "skip"),
     # Schedulers of transformers that need no extra arguments.
-    "training.lr_scheduler": ("linear", "cosine", "cosine_with_restarts", "polynomial",
-                              "constant", "constant_with_warmup", "inverse_sqrt"),
+    "training.lr_scheduler": (
+        "linear",
+        "cosine",
+        "cosine_with_restarts",
+        "polynomial",
+        "constant",
+        "constant_with_warmup",
+        "inverse_sqrt",
+    ),
     "training.optimizer": ("paged_adamw_8bit", "paged_adamw_32bit", "adamw_8bit", "adamw"),
     "output.report_to": ("tensorboard", "none"),
 }
@@ -180,11 +188,23 @@ _POSITIVE_OR_NULL = (lambda v: v is None or v > 0, "null or > 0")
 _FRACTION = (lambda v: 0 <= v < 1, "in [0, 1)")
 _NON_NEGATIVE = (lambda v: v >= 0, ">= 0")
 _RANGES: dict[str, tuple[Callable[[Any], bool], str]] = {
-    **dict.fromkeys(("lora.r", "lora.alpha", "qat.group_size", "data.max_seq_len",
-                     "training.epochs", "training.batch_size",
-                     "training.gradient_accumulation_steps", "training.learning_rate",
-                     "training.logging_steps", "training.save_steps",
-                     "training.save_total_limit", "eval.max_new_tokens"), _POSITIVE),
+    **dict.fromkeys(
+        (
+            "lora.r",
+            "lora.alpha",
+            "qat.group_size",
+            "data.max_seq_len",
+            "training.epochs",
+            "training.batch_size",
+            "training.gradient_accumulation_steps",
+            "training.learning_rate",
+            "training.logging_steps",
+            "training.save_steps",
+            "training.save_total_limit",
+            "eval.max_new_tokens",
+        ),
+        _POSITIVE,
+    ),
     **dict.fromkeys(("training.eval_steps", "eval.max_test_examples"), _POSITIVE_OR_NULL),
     **dict.fromkeys(("lora.dropout", "data.validation_split", "training.warmup_ratio"), _FRACTION),
     **dict.fromkeys(("qat.start_step", "training.weight_decay", "training.uncheckpointed_layers"), _NON_NEGATIVE),
@@ -192,9 +212,11 @@ _RANGES: dict[str, tuple[Callable[[Any], bool], str]] = {
     "training.max_steps": (lambda v: v == -1 or v > 0, "-1 (use epochs) or > 0"),
     "qat.bits": (lambda v: 2 <= v <= 8, "in [2, 8]"),
     "lora.target_modules": (
-        lambda v: v == "all-linear" or (isinstance(v, list) and len(v) > 0
-                                        and all(isinstance(m, str) and m for m in v)),
-        "'all-linear' or a non-empty list of module names, e.g. [q_proj, v_proj]"),
+        lambda v: (
+            v == "all-linear" or (isinstance(v, list) and len(v) > 0 and all(isinstance(m, str) and m for m in v))
+        ),
+        "'all-linear' or a non-empty list of module names, e.g. [q_proj, v_proj]",
+    ),
     "data.train": (lambda v: v != "", "a file path or a hub dataset name"),
     "output.dir": (lambda v: v != "", "a non-empty path"),
 }
@@ -216,8 +238,7 @@ def load_recipe(path: str | Path, overrides: Sequence[str] = ()) -> Recipe:
             cfg = OmegaConf.merge(cfg, data)
         except OmegaConfBaseException as e:  # a value of the wrong type
             key = e.full_key or ""
-            raise RecipeError(f"{locate(key)}: invalid value for '{key}': "
-                              f"{str(e).splitlines()[0]}") from None
+            raise RecipeError(f"{locate(key)}: invalid value for '{key}': {str(e).splitlines()[0]}") from None
         origins.update({key: locate(key) for key in _leaf_keys(data, "")})
 
     def where(key: str) -> str:
@@ -227,11 +248,11 @@ def load_recipe(path: str | Path, overrides: Sequence[str] = ()) -> Recipe:
         recipe = OmegaConf.to_object(cfg)
     except MissingMandatoryValue as e:
         key = e.full_key
-        raise RecipeError(f"{where(key)}: missing required value '{key}' — "
-                          f"set it in the recipe or on the command line ({key}=...)") from None
+        raise RecipeError(
+            f"{where(key)}: missing required value '{key}' — set it in the recipe or on the command line ({key}=...)"
+        ) from None
     except OmegaConfBaseException as e:  # e.g. a ${...} interpolation that does not resolve
-        raise RecipeError(f"{where(e.full_key)}: invalid value for '{e.full_key}': "
-                          f"{str(e).splitlines()[0]}") from None
+        raise RecipeError(f"{where(e.full_key)}: invalid value for '{e.full_key}': {str(e).splitlines()[0]}") from None
     _validate(recipe, where)
     return recipe
 
@@ -285,8 +306,9 @@ def _read_yaml(path: Path) -> tuple[dict, dict[str, int]]:
     finally:
         loader.dispose()
     if not isinstance(data, dict):
-        raise RecipeError(f"{path}: the top level must be a mapping of sections "
-                          f"(model:, lora:, ...), got {type(data).__name__}")
+        raise RecipeError(
+            f"{path}: the top level must be a mapping of sections (model:, lora:, ...), got {type(data).__name__}"
+        )
     lines: dict[str, int] = {}
     _node_lines(node, "", lines, path)
     return data, lines
@@ -327,19 +349,20 @@ def _check_keys(data: dict, schema: dict, prefix: str, where: Callable[[str], st
         key = prefix + str(name)
         if str(name) not in schema:
             hint = _closest_key(key)
-            raise RecipeError(f"{where(key)}: unknown key '{key}'"
-                              + (f" — did you mean '{hint}'?" if hint else ""))
+            raise RecipeError(f"{where(key)}: unknown key '{key}'" + (f" — did you mean '{hint}'?" if hint else ""))
         section = schema[str(name)]
         if isinstance(section, dict):
             if value is None:  # a section whose keys are all commented out
                 value = data[name] = {}
             if not isinstance(value, dict):
-                raise RecipeError(f"{where(key)}: '{key}' is a section and must be a mapping "
-                                  f"of keys ({', '.join(section)}), got {value!r}")
+                raise RecipeError(
+                    f"{where(key)}: '{key}' is a section and must be a mapping "
+                    f"of keys ({', '.join(section)}), got {value!r}"
+                )
             _check_keys(value, section, key + ".", where)
 
 
-def _closest_key(key: str) -> Optional[str]:
+def _closest_key(key: str) -> str | None:
     """The valid key closest in spelling; else one with the same last part (wrong section)."""
     valid = list(_leaf_keys(_DEFAULTS, "", sections=True))
     close = difflib.get_close_matches(key, valid, n=1)
@@ -364,32 +387,41 @@ def _leaf_keys(data: dict, prefix: str, sections: bool = False) -> Iterator[str]
 
 def _validate(recipe: Recipe, where: Callable[[str], str]) -> None:
     """Choices and ranges that types alone cannot express."""
+
     def get(key: str) -> Any:
         return reduce(getattr, key.split("."), recipe)
 
     for key, allowed in _CHOICES.items():
         if get(key) not in allowed:
             names = ", ".join("null" if a is None else str(a) for a in allowed)
-            raise RecipeError(f"{where(key)}: invalid value {get(key)!r} for '{key}' — "
-                              f"must be one of: {names}")
+            raise RecipeError(f"{where(key)}: invalid value {get(key)!r} for '{key}' — must be one of: {names}")
     for key, (ok, expected) in _RANGES.items():
         if not ok(get(key)):
-            raise RecipeError(f"{where(key)}: invalid value {get(key)!r} for '{key}' — "
-                              f"must be {expected}")
+            raise RecipeError(f"{where(key)}: invalid value {get(key)!r} for '{key}' — must be {expected}")
     t = recipe.training
     if t.optimizer_in_backward and t.gradient_accumulation_steps != 1:
-        raise RecipeError(f"{where('training.optimizer_in_backward')}: training.optimizer_in_backward steps on every "
-                          "micro-batch, so training.gradient_accumulation_steps must be 1")
+        raise RecipeError(
+            f"{where('training.optimizer_in_backward')}: training.optimizer_in_backward steps on every "
+            "micro-batch, so training.gradient_accumulation_steps must be 1"
+        )
     if t.offload_adapters and not t.optimizer_in_backward:
-        raise RecipeError(f"{where('training.offload_adapters')}: training.offload_adapters steps each layer's "
-                          "adapters while they are on the GPU, inside backward: set training.optimizer_in_backward=true")
+        raise RecipeError(
+            f"{where('training.offload_adapters')}: training.offload_adapters steps each layer's "
+            "adapters while they are on the GPU, inside backward: set training.optimizer_in_backward=true"
+        )
     if t.offload_activations and not t.gradient_checkpointing:
-        raise RecipeError(f"{where('training.offload_activations')}: training.offload_activations offloads the "
-                          "checkpoints of gradient checkpointing: set training.gradient_checkpointing=true")
+        raise RecipeError(
+            f"{where('training.offload_activations')}: training.offload_activations offloads the "
+            "checkpoints of gradient checkpointing: set training.gradient_checkpointing=true"
+        )
     if recipe.qat.enabled and recipe.lora.dropout > 0:
-        raise RecipeError(f"{where('lora.dropout')}: invalid value {recipe.lora.dropout!r} for 'lora.dropout' — "
-                          "QAT trains the adapters through the merged weight, where there is no branch to drop "
-                          "out: set lora.dropout to 0 or qat.enabled to false")
+        raise RecipeError(
+            f"{where('lora.dropout')}: invalid value {recipe.lora.dropout!r} for 'lora.dropout' — "
+            "QAT trains the adapters through the merged weight, where there is no branch to drop "
+            "out: set lora.dropout to 0 or qat.enabled to false"
+        )
     if recipe.qat.format == "nf4" and recipe.qat.bits != 4:
-        raise RecipeError(f"{where('qat.bits')}: invalid value {recipe.qat.bits!r} for "
-                          "'qat.bits' — qat.format nf4 is a 4-bit format, so bits must be 4")
+        raise RecipeError(
+            f"{where('qat.bits')}: invalid value {recipe.qat.bits!r} for "
+            "'qat.bits' — qat.format nf4 is a 4-bit format, so bits must be 4"
+        )

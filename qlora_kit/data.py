@@ -20,9 +20,10 @@ from __future__ import annotations
 import csv
 import json
 import logging
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import datasets
 import torch
@@ -148,8 +149,10 @@ def to_messages(row: dict[str, Any], fmt: str, system_prompt: str | None = None)
                 raise DataError("'completion' has no assistant message")
             messages = _message_list(prompt, "prompt") + answer
         else:
-            messages = [{"role": "user", "content": _string(row, "prompt")},
-                        {"role": "assistant", "content": _string(row, "completion")}]
+            messages = [
+                {"role": "user", "content": _string(row, "prompt")},
+                {"role": "assistant", "content": _string(row, "completion")},
+            ]
     elif fmt == "alpaca":
         instruction, extra = _string(row, "instruction"), row.get("input")
         if extra is not None and not isinstance(extra, str):
@@ -347,8 +350,13 @@ def _tokenized(source: str, data_cfg: Any, tokenizer: Any) -> tuple[datasets.Dat
     # Truncation can cut a response away entirely; such a row has nothing to learn from.
     kept = [row for row in rows if any(label != IGNORE_INDEX for label in row["labels"])]
     if len(kept) < len(rows):
-        logger.warning("%s: dropped %d of %d examples whose response lies beyond max_seq_len=%d",
-                       source, len(rows) - len(kept), len(rows), data_cfg.max_seq_len)
+        logger.warning(
+            "%s: dropped %d of %d examples whose response lies beyond max_seq_len=%d",
+            source,
+            len(rows) - len(kept),
+            len(rows),
+            data_cfg.max_seq_len,
+        )
     if not kept:
         raise DataError(f"{source}: no example has a response within max_seq_len={data_cfg.max_seq_len}")
     return datasets.Dataset.from_list(kept), skipped

@@ -45,7 +45,9 @@ def write_checkpoint(config, directory: Path, shard_bytes: int = 2 * 2**30) -> i
             flush()
     if shard:
         flush()
-    (directory / "model.safetensors.index.json").write_text(json.dumps({"metadata": {"total_size": total}, "weight_map": index}))
+    (directory / "model.safetensors.index.json").write_text(
+        json.dumps({"metadata": {"total_size": total}, "weight_map": index})
+    )
     return total
 
 
@@ -67,11 +69,18 @@ def main() -> None:
     parser.add_argument("--json")
     args = parser.parse_args()
     config = llama_config(args.shape, **({"num_hidden_layers": args.layers} if args.layers else {}))
-    rows, results = [], {"shape": args.shape, "layers": config.num_hidden_layers, "device": torch.cuda.get_device_name()}
+    rows, results = (
+        [],
+        {"shape": args.shape, "layers": config.num_hidden_layers, "device": torch.cuda.get_device_name()},
+    )
 
     model, seconds, peak = measure(lambda: build_random_quantized(config, "cuda", progress=False))
-    results["random_build"] = {"seconds": seconds, "peak_allocated": peak, "model_bytes": model_bytes(model),
-                               "nf4_bytes": nf4_bytes(model)}  # fmt: skip
+    results["random_build"] = {
+        "seconds": seconds,
+        "peak_allocated": peak,
+        "model_bytes": model_bytes(model),
+        "nf4_bytes": nf4_bytes(model),
+    }
     rows.append(("ours: random weights built on GPU", seconds, peak, model_bytes(model)))
     del model
 
@@ -81,14 +90,23 @@ def main() -> None:
         with tempfile.TemporaryDirectory(dir=".") as tmp:
             ckpt = Path(tmp)
             results["checkpoint_bytes"] = write_checkpoint(config, ckpt)
-            model, seconds, peak = measure(lambda: load_quantized(str(ckpt), device="cuda", compute_dtype="bfloat16", progress=False))
+            model, seconds, peak = measure(
+                lambda: load_quantized(str(ckpt), device="cuda", compute_dtype="bfloat16", progress=False)
+            )
             results["ours_load"] = {"seconds": seconds, "peak_allocated": peak, "model_bytes": model_bytes(model)}
             rows.append(("ours: streaming load of safetensors", seconds, peak, model_bytes(model)))
             del model
-            bnb = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
-                                     bnb_4bit_compute_dtype=torch.bfloat16)  # fmt: skip
-            model, seconds, peak = measure(lambda: AutoModelForCausalLM.from_pretrained(
-                ckpt, quantization_config=bnb, dtype=torch.bfloat16, device_map="cuda"))  # fmt: skip
+            bnb = BitsAndBytesConfig(
+                load_in_4bit=True,
+                bnb_4bit_quant_type="nf4",
+                bnb_4bit_use_double_quant=True,
+                bnb_4bit_compute_dtype=torch.bfloat16,
+            )
+            model, seconds, peak = measure(
+                lambda: AutoModelForCausalLM.from_pretrained(
+                    ckpt, quantization_config=bnb, dtype=torch.bfloat16, device_map="cuda"
+                )
+            )
             size = sum(t.numel() * t.element_size() for t in [*model.parameters(), *model.buffers()])
             results["stock_load"] = {"seconds": seconds, "peak_allocated": peak, "model_bytes": size}
             rows.append(("transformers + bitsandbytes load", seconds, peak, size))

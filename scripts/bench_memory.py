@@ -30,7 +30,6 @@ import time
 from pathlib import Path
 
 import torch
-
 from bench_train import build_ours, build_stock
 
 from qlora_kit.model.build import SHAPES, llama_config
@@ -99,9 +98,16 @@ def run(side: str, config, args) -> dict:
     timed = step_times[args.warmup :] or step_times[-1:]
     step = sorted(timed)[len(timed) // 2]
     result = {
-        "side": side, "levers": sorted(levers), "build_s": build_s, "step_s": step, "tokens_per_s": args.batch * args.seq / step,
-        "peak_allocated": peak, "peak_reserved": reserved, "parts": parts, "losses": losses,
-    }  # fmt: skip
+        "side": side,
+        "levers": sorted(levers),
+        "build_s": build_s,
+        "step_s": step,
+        "tokens_per_s": args.batch * args.seq / step,
+        "peak_allocated": peak,
+        "peak_reserved": reserved,
+        "parts": parts,
+        "losses": losses,
+    }
     del model, optimizers, lora, frozen
     return result
 
@@ -117,14 +123,24 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=2, help="untimed first steps")
     parser.add_argument("--cap-gb", type=float, default=48.0, help="per-process GPU memory cap, GB")
     parser.add_argument("--side", default="ours", help="comma-separated: stock, ours-plain, ours")
-    parser.add_argument("--levers", default="oib,offload,adapters", help="the ours side's levers: oib, offload, adapters")
+    parser.add_argument(
+        "--levers", default="oib,offload,adapters", help="the ours side's levers: oib, offload, adapters"
+    )
     parser.add_argument("--json")
     args = parser.parse_args()
     total = torch.cuda.get_device_properties(0).total_memory
     torch.cuda.set_per_process_memory_fraction(min(1.0, args.cap_gb * 1e9 / total))
     config = llama_config(args.shape, **({"num_hidden_layers": args.layers} if args.layers else {}))
-    results = {"device": torch.cuda.get_device_name(), "shape": args.shape, "layers": config.num_hidden_layers,
-               "seq": args.seq, "batch": args.batch, "rank": args.rank, "cap_gb": args.cap_gb, "sides": {}}  # fmt: skip
+    results = {
+        "device": torch.cuda.get_device_name(),
+        "shape": args.shape,
+        "layers": config.num_hidden_layers,
+        "seq": args.seq,
+        "batch": args.batch,
+        "rank": args.rank,
+        "cap_gb": args.cap_gb,
+        "sides": {},
+    }
     sides = args.side.split(",")
     if set(sides) - {"stock", "ours-plain", "ours"}:
         parser.error(f"unknown --side {args.side}")
@@ -140,23 +156,29 @@ def main() -> None:
         Path(args.json).write_text(json.dumps(results, indent=2))
 
     gb = 1e-9
-    print(f"\n{args.shape} ({config.num_hidden_layers} layers), seq {args.seq}, batch {args.batch}, LoRA r={args.rank}, "
-          f"cap {args.cap_gb:.0f} GB, {results['device']}")  # fmt: skip
+    print(
+        f"\n{args.shape} ({config.num_hidden_layers} layers), seq {args.seq}, batch {args.batch}, LoRA r={args.rank}, "
+        f"cap {args.cap_gb:.0f} GB, {results['device']}"
+    )
     for side, r in results["sides"].items():
         if "error" in r:
             print(f"{side}: {r['error']}")
             continue
         name = f"{side} ({','.join(r['levers'])})" if r["levers"] else side
-        print(f"{name}: peak allocated {r['peak_allocated'] * gb:.1f} GB, reserved {r['peak_reserved'] * gb:.1f} GB, "
-              f"{r['tokens_per_s']:.0f} tokens/s ({r['step_s']:.2f} s/step), built in {r['build_s']:.1f} s")  # fmt: skip
+        print(
+            f"{name}: peak allocated {r['peak_allocated'] * gb:.1f} GB, reserved {r['peak_reserved'] * gb:.1f} GB, "
+            f"{r['tokens_per_s']:.0f} tokens/s ({r['step_s']:.2f} s/step), built in {r['build_s']:.1f} s"
+        )
         for part, size in r["parts"].items():
             print(f"    {part:60}{size * gb:8.2f} GB")
     stock = results["sides"].get("stock", {})
     if "peak_allocated" in stock:
         for side, r in results["sides"].items():
             if side != "stock" and "peak_allocated" in r:
-                print(f"{side} vs stock: peak {r['peak_allocated'] / stock['peak_allocated']:.3f}x, "
-                      f"tokens/s {r['tokens_per_s'] / stock['tokens_per_s']:.2f}x")
+                print(
+                    f"{side} vs stock: peak {r['peak_allocated'] / stock['peak_allocated']:.3f}x, "
+                    f"tokens/s {r['tokens_per_s'] / stock['tokens_per_s']:.2f}x"
+                )
 
 
 if __name__ == "__main__":

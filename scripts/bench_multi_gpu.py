@@ -53,8 +53,14 @@ from qlora_kit.model.offload import use_offloaded_checkpointing  # noqa: E402
 from qlora_kit.model.sft import SFTModel  # noqa: E402
 
 # For --dry-run: a few small layers, so the whole script runs on the CPU in seconds.
-TINY = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-            vocab_size=256)  # fmt: skip
+TINY = dict(
+    hidden_size=64,
+    intermediate_size=128,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    vocab_size=256,
+)
 GIB = 2**30
 
 
@@ -67,8 +73,9 @@ def model_config(shape: str, layers: int | None):
     return llama_config(shape, **overrides)
 
 
-def build(config, device: torch.device, rank: int, keep_on: str | None = None,
-          offload_activations: bool = False) -> tuple[nn.Module, SFTModel]:  # fmt: skip
+def build(
+    config, device: torch.device, rank: int, keep_on: str | None = None, offload_activations: bool = False
+) -> tuple[nn.Module, SFTModel]:
     """The model the train pipeline builds: random NF4 weights, LoRA on every linear, fused ops, checkpointing."""
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     lm = build_random_quantized(config, device, dtype, progress=False, keep_on=keep_on)
@@ -100,8 +107,9 @@ def sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def timed_steps(model: nn.Module, optimizer: torch.optim.Optimizer, config, args, batch: int, device: torch.device,
-                autocast: bool) -> dict:  # fmt: skip
+def timed_steps(
+    model: nn.Module, optimizer: torch.optim.Optimizer, config, args, batch: int, device: torch.device, autocast: bool
+) -> dict:
     """Train warmup + steps steps on random tokens (each process its own); s/step and losses."""
     g = torch.Generator(device).manual_seed(1 + dist.get_rank())
     times, losses = [], []
@@ -124,7 +132,10 @@ def timed_steps(model: nn.Module, optimizer: torch.optim.Optimizer, config, args
 def peak_memory(device: torch.device) -> dict:
     if device.type != "cuda":
         return {}
-    return {"peak_allocated": torch.cuda.max_memory_allocated(device), "peak_reserved": torch.cuda.max_memory_reserved(device)}
+    return {
+        "peak_allocated": torch.cuda.max_memory_allocated(device),
+        "peak_reserved": torch.cuda.max_memory_reserved(device),
+    }
 
 
 def reset_memory(device: torch.device) -> None:
@@ -142,19 +153,31 @@ def ddp_part(args, device: torch.device) -> dict:
     autocast = device.type == "cuda"
     lm, model = build(config, device, args.rank)
     reset_memory(device)
-    alone = timed_steps(model, make_optimizer(model, device, False, args.lr), config, args, args.ddp_batch, device, autocast)
+    alone = timed_steps(
+        model, make_optimizer(model, device, False, args.lr), config, args, args.ddp_batch, device, autocast
+    )
     alone.update(peak_memory(device))
     dist.barrier()
 
     reset_memory(device)
     # The NF4 weights are buffers every process built identically: no broadcast before each forward.
-    ddp = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None,
-                                  broadcast_buffers=False, find_unused_parameters=False)  # fmt: skip
+    ddp = DistributedDataParallel(
+        model,
+        device_ids=[device.index] if device.type == "cuda" else None,
+        broadcast_buffers=False,
+        find_unused_parameters=False,
+    )
     optimizer = make_optimizer(ddp, device, False, args.lr)
     together = timed_steps(ddp, optimizer, config, args, args.ddp_batch, device, autocast)
     together.update(peak_memory(device))
-    result = {"shape": args.ddp_shape, "layers": config.num_hidden_layers, "batch": args.ddp_batch,
-              "optimizer": type(optimizer).__name__, "alone": alone, "ddp": together}  # fmt: skip
+    result = {
+        "shape": args.ddp_shape,
+        "layers": config.num_hidden_layers,
+        "batch": args.ddp_batch,
+        "optimizer": type(optimizer).__name__,
+        "alone": alone,
+        "ddp": together,
+    }
     del optimizer, ddp, model, lm
     reset_memory(device)
     return result
@@ -171,8 +194,14 @@ def fsdp_part(args, device: torch.device) -> dict:
     weights = torch.cuda.memory_allocated(device) if device.type == "cuda" else None
     optimizer = make_optimizer(model, device, True, args.lr)
     result = timed_steps(model, optimizer, config, args, args.fsdp_batch, device, autocast=False)
-    result.update(peak_memory(device), build_s=build_s, nf4_local=local, nf4_total=total, after_build=weights,
-                  optimizer=type(optimizer).__name__)  # fmt: skip
+    result.update(
+        peak_memory(device),
+        build_s=build_s,
+        nf4_local=local,
+        nf4_total=total,
+        after_build=weights,
+        optimizer=type(optimizer).__name__,
+    )
     del optimizer, model, lm
     reset_memory(device)
     return {"shape": args.fsdp_shape, "layers": config.num_hidden_layers, "batch": args.fsdp_batch, **result}
@@ -214,17 +243,28 @@ def print_report(results: dict, args) -> None:
         r0 = per_rank[0]
         step = max(r["step_s"] for r in per_rank)
         tokens = world * args.seq * r0["batch"] / step
-        print(f"\nFSDP: {r0['shape']} ({r0['layers']} layers), batch {r0['batch']} per GPU, {r0['optimizer']}"
-              f"{', activations offloaded' if args.offload_activations else ''}, built and sharded in {r0['build_s']:.0f} s")
-        print(f"{'GPU':5}{'NF4 GiB held':>14}{'of GiB':>8}{'share':>7}{'after build GiB':>17}{'peak GiB':>10}"
-              f"{'peak reserved GiB':>19}")  # fmt: skip
+        print(
+            f"\nFSDP: {r0['shape']} ({r0['layers']} layers), batch {r0['batch']} per GPU, {r0['optimizer']}"
+            f"{', activations offloaded' if args.offload_activations else ''}, built and sharded in {r0['build_s']:.0f} s"
+        )
+        print(
+            f"{'GPU':5}{'NF4 GiB held':>14}{'of GiB':>8}{'share':>7}{'after build GiB':>17}{'peak GiB':>10}"
+            f"{'peak reserved GiB':>19}"
+        )
         for i, r in enumerate(per_rank):
-            print(f"{i:<5}{gib(r['nf4_local']):>14}{gib(r['nf4_total']):>8}{r['nf4_local'] / r['nf4_total']:7.1%}"
-                  f"{gib(r['after_build']):>17}{gib(r.get('peak_allocated')):>10}{gib(r.get('peak_reserved')):>19}")
-        print(f"s/step {step:.3f}, {tokens:.0f} tokens/s on {world} GPUs; losses (GPU 0): "
-              + " ".join(f"{x:.3f}" for x in r0["losses"]))  # fmt: skip
-        results["fsdp_summary"] = {"tokens_per_s": tokens, "step_s": step,
-                                   "max_peak_allocated": largest([r.get("peak_allocated") for r in per_rank])}  # fmt: skip
+            print(
+                f"{i:<5}{gib(r['nf4_local']):>14}{gib(r['nf4_total']):>8}{r['nf4_local'] / r['nf4_total']:7.1%}"
+                f"{gib(r['after_build']):>17}{gib(r.get('peak_allocated')):>10}{gib(r.get('peak_reserved')):>19}"
+            )
+        print(
+            f"s/step {step:.3f}, {tokens:.0f} tokens/s on {world} GPUs; losses (GPU 0): "
+            + " ".join(f"{x:.3f}" for x in r0["losses"])
+        )
+        results["fsdp_summary"] = {
+            "tokens_per_s": tokens,
+            "step_s": step,
+            "max_peak_allocated": largest([r.get("peak_allocated") for r in per_rank]),
+        }
 
 
 def main() -> None:
@@ -242,14 +282,27 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=5)
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--lr", type=float, default=1e-4)
-    parser.add_argument("--offload-activations", action="store_true",
-                        help="fsdp: keep the gradient checkpoints in CPU memory (training.offload_activations)")  # fmt: skip
-    parser.add_argument("--dry-run", action="store_true",
-                        help="--device cpu, tiny shapes, seq 64, 2 steps: exercises every code path in seconds")  # fmt: skip
+    parser.add_argument(
+        "--offload-activations",
+        action="store_true",
+        help="fsdp: keep the gradient checkpoints in CPU memory (training.offload_activations)",
+    )
+    parser.add_argument(
+        "--dry-run",
+        action="store_true",
+        help="--device cpu, tiny shapes, seq 64, 2 steps: exercises every code path in seconds",
+    )
     parser.add_argument("--json", help="write every process's numbers here (from the first process)")
     args = parser.parse_args()
     if args.dry_run:
-        args.device, args.ddp_shape, args.fsdp_shape, args.seq, args.steps, args.warmup = "cpu", "tiny", "tiny", 64, 2, 1
+        args.device, args.ddp_shape, args.fsdp_shape, args.seq, args.steps, args.warmup = (
+            "cpu",
+            "tiny",
+            "tiny",
+            64,
+            2,
+            1,
+        )
     parts = args.part.split(",")
     if set(parts) - {"ddp", "fsdp"}:
         parser.error(f"unknown --part {args.part}")
@@ -270,8 +323,11 @@ def main() -> None:
     try:
         if dist.get_world_size() < 2:
             parser.error("needs at least 2 processes: torchrun --nproc_per_node 2 ...")
-        results = {"device": torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU (gloo)",
-                   "world_size": dist.get_world_size(), "args": vars(args)}  # fmt: skip
+        results = {
+            "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU (gloo)",
+            "world_size": dist.get_world_size(),
+            "args": vars(args),
+        }
         if "ddp" in parts:
             results["ddp"] = gather(ddp_part(args, device))
         if "fsdp" in parts:

@@ -75,9 +75,16 @@ def main() -> None:
     model.model.layers.to("cpu")  # as `qlora-kit merge` holds them: one layer at a time goes to the GPU
     ids = torch.randint(0, config.vocab_size, (args.samples, args.seq_len), generator=torch.Generator().manual_seed(0))
 
-    results = {"shape": args.shape, "device": torch.cuda.get_device_name(device), "samples": args.samples,
-               "seq_len": args.seq_len, "group_size": args.group_size, "layers_timed": layers,
-               "layers_total": full_layers, "methods": {}}  # fmt: skip
+    results = {
+        "shape": args.shape,
+        "device": torch.cuda.get_device_name(device),
+        "samples": args.samples,
+        "seq_len": args.seq_len,
+        "group_size": args.group_size,
+        "layers_timed": layers,
+        "layers_total": full_layers,
+        "methods": {},
+    }
     for method in args.methods:
         spec = QuantSpec(method, 4, args.group_size, method != "awq", args.act_order and method == "gptq")
         r = time_method(model, config, spec, ids, device)
@@ -86,12 +93,16 @@ def main() -> None:
         results["methods"][spec.label] = r
         print(f"{spec.label}: seconds per layer {r['layer_seconds']}", flush=True)
 
-    print(f"\n{args.shape}, {args.samples} x {args.seq_len} calibration tokens, group size {args.group_size}, "
-          f"{layers} of {full_layers} layers timed on {results['device']}")  # fmt: skip
+    print(
+        f"\n{args.shape}, {args.samples} x {args.seq_len} calibration tokens, group size {args.group_size}, "
+        f"{layers} of {full_layers} layers timed on {results['device']}"
+    )
     print(f"{'method':12}{'s/layer':>10}{'timed (s)':>12}{f'total {full_layers} layers (s)':>24}{'peak GPU GiB':>14}")
     for label, r in results["methods"].items():
-        print(f"{label:12}{r['median_layer_seconds']:>10.2f}{r['total_seconds']:>12.1f}"
-              f"{r['estimated_total_seconds']:>24.1f}{r['peak_gib']:>14.1f}")  # fmt: skip
+        print(
+            f"{label:12}{r['median_layer_seconds']:>10.2f}{r['total_seconds']:>12.1f}"
+            f"{r['estimated_total_seconds']:>24.1f}{r['peak_gib']:>14.1f}"
+        )
     if args.json:
         with open(args.json, "w") as f:
             json.dump(results, f, indent=2)

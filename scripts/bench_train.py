@@ -45,8 +45,16 @@ def matmul_tflops() -> float:
     return 10 * 2 * 8192**3 / (time.perf_counter() - start) / 1e12
 
 
-def build_ours(config, rank: int, checkpointing: bool, fused: bool = True, qat: bool = False, offload: bool = False,
-               uncheckpointed: int = 0, plain: bool = False):  # fmt: skip
+def build_ours(
+    config,
+    rank: int,
+    checkpointing: bool,
+    fused: bool = True,
+    qat: bool = False,
+    offload: bool = False,
+    uncheckpointed: int = 0,
+    plain: bool = False,
+):
     """Our stack; ``offload``: checkpoints and input embeddings in CPU memory (qlora_kit.model.offload);
     ``uncheckpointed``: the last layers keep their activations instead of recomputing them; ``plain``:
     the plain PyTorch path of training.fused_kernels=false (stock ops, plain LoRA autograd, full logits)."""
@@ -91,10 +99,21 @@ def build_stock(config, rank: int, checkpointing: bool):
     for layer in model.model.layers:
         for name, m in list(layer.named_modules()):
             if isinstance(m, torch.nn.Linear):
-                w = torch.empty(m.out_features, m.in_features, device="cuda", dtype=torch.bfloat16).normal_(0, 0.02, generator=g)
-                q = bnb.nn.Linear4bit(m.in_features, m.out_features, bias=False, compute_dtype=torch.bfloat16,
-                                      compress_statistics=True, quant_type="nf4", device="meta")  # fmt: skip
-                q.weight = bnb.nn.Params4bit(w, requires_grad=False, compress_statistics=True, quant_type="nf4").to("cuda")
+                w = torch.empty(m.out_features, m.in_features, device="cuda", dtype=torch.bfloat16).normal_(
+                    0, 0.02, generator=g
+                )
+                q = bnb.nn.Linear4bit(
+                    m.in_features,
+                    m.out_features,
+                    bias=False,
+                    compute_dtype=torch.bfloat16,
+                    compress_statistics=True,
+                    quant_type="nf4",
+                    device="meta",
+                )
+                q.weight = bnb.nn.Params4bit(w, requires_grad=False, compress_statistics=True, quant_type="nf4").to(
+                    "cuda"
+                )
                 parent, _, child = name.rpartition(".")
                 setattr(layer.get_submodule(parent) if parent else layer, child, q)
                 del w
@@ -102,14 +121,20 @@ def build_stock(config, rank: int, checkpointing: bool):
         if p.device.type == "meta":
             value = torch.ones(p.shape) if name.endswith("norm.weight") else torch.randn(p.shape) * 0.02
             module, _, attr = name.rpartition(".")
-            setattr(model.get_submodule(module), attr, torch.nn.Parameter(value.to("cuda", torch.bfloat16), requires_grad=False))
+            setattr(
+                model.get_submodule(module),
+                attr,
+                torch.nn.Parameter(value.to("cuda", torch.bfloat16), requires_grad=False),
+            )
     model.tie_weights()
     model.model.rotary_emb.to("cuda")
     model.config.use_cache = False
     if checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    model = get_peft_model(model, LoraConfig(r=rank, lora_alpha=2 * rank, lora_dropout=0.0, target_modules="all-linear",
-                                             task_type="CAUSAL_LM"))  # fmt: skip
+    model = get_peft_model(
+        model,
+        LoraConfig(r=rank, lora_alpha=2 * rank, lora_dropout=0.0, target_modules="all-linear", task_type="CAUSAL_LM"),
+    )
     model.train()
     return model, lambda ids: model(input_ids=ids, labels=ids).loss
 
@@ -123,15 +148,24 @@ def run_side(side: str, config, args) -> dict:
     if side == "stock":
         model, step_loss = build_stock(config, args.rank, not args.no_checkpointing)
     else:
-        model, step_loss = build_ours(config, args.rank, not args.no_checkpointing, fused=side != "ours-unfused",
-                                      qat=side == "ours-qat", offload=side == "ours-offload",
-                                      uncheckpointed=args.uncheckpointed, plain=side == "plain-path")  # fmt: skip
+        model, step_loss = build_ours(
+            config,
+            args.rank,
+            not args.no_checkpointing,
+            fused=side != "ours-unfused",
+            qat=side == "ours-qat",
+            offload=side == "ours-offload",
+            uncheckpointed=args.uncheckpointed,
+            plain=side == "plain-path",
+        )
     weights_bytes = torch.cuda.memory_allocated()
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = bnb.optim.PagedAdamW8bit(params, lr=args.lr)
     g = torch.Generator("cuda").manual_seed(1)
-    batches = [torch.randint(0, config.vocab_size, (args.batch, args.seq), device="cuda", generator=g)
-               for _ in range(1 if args.same_batch else args.warmup + args.steps)]  # fmt: skip
+    batches = [
+        torch.randint(0, config.vocab_size, (args.batch, args.seq), device="cuda", generator=g)
+        for _ in range(1 if args.same_batch else args.warmup + args.steps)
+    ]
     batches = batches * (args.warmup + args.steps) if args.same_batch else batches
     losses, times = [], []
 
@@ -176,7 +210,9 @@ def model_flops_per_step(config, lora_params: int, batch: int, seq: int) -> floa
     c = config
     head_dim = c.hidden_size // c.num_attention_heads
     kv = c.num_key_value_heads * head_dim
-    linear = c.num_hidden_layers * (c.hidden_size * (2 * c.hidden_size + 2 * kv) + 3 * c.hidden_size * c.intermediate_size)
+    linear = c.num_hidden_layers * (
+        c.hidden_size * (2 * c.hidden_size + 2 * kv) + 3 * c.hidden_size * c.intermediate_size
+    )
     frozen = linear + c.vocab_size * c.hidden_size  # lm_head
     tokens = batch * seq
     # Causal attention: QK^T and PV, half the square, forward + 2x backward.
@@ -193,33 +229,56 @@ def main() -> None:
     parser.add_argument("--rank", type=int, default=16)
     parser.add_argument("--steps", type=int, default=5)
     parser.add_argument("--warmup", type=int, default=2)
-    parser.add_argument("--side", default="both",
-                        help="comma-separated: stock, ours, ours-unfused (no fused kernels), ours-qat (int4 g128 QAT), "
-                             "ours-offload (checkpoints and embeddings in CPU memory), plain-path (training.fused_kernels=false); "
-                             "both = stock,ours")  # fmt: skip
+    parser.add_argument(
+        "--side",
+        default="both",
+        help="comma-separated: stock, ours, ours-unfused (no fused kernels), ours-qat (int4 g128 QAT), "
+        "ours-offload (checkpoints and embeddings in CPU memory), plain-path (training.fused_kernels=false); "
+        "both = stock,ours",
+    )
     parser.add_argument("--cap-gb", type=float, help="cap this process's GPU memory (GB), as for the long-context test")
     parser.add_argument("--no-checkpointing", action="store_true")
-    parser.add_argument("--same-batch", action="store_true", help="train on one batch throughout (a loss curve that falls)")
+    parser.add_argument(
+        "--same-batch", action="store_true", help="train on one batch throughout (a loss curve that falls)"
+    )
     parser.add_argument("--lr", type=float, default=1e-4)
-    parser.add_argument("--uncheckpointed", type=int, default=0,
-                        help="ours: the last N decoder layers keep activations instead of recomputing them")  # fmt: skip
+    parser.add_argument(
+        "--uncheckpointed",
+        type=int,
+        default=0,
+        help="ours: the last N decoder layers keep activations instead of recomputing them",
+    )
     parser.add_argument("--profile", help="write a torch.profiler table of one timed step to this file")
     parser.add_argument("--json")
     args = parser.parse_args()
     config = llama_config(args.shape, **({"num_hidden_layers": args.layers} if args.layers else {}))
     if args.cap_gb:
-        torch.cuda.set_per_process_memory_fraction(min(1.0, args.cap_gb * 1e9 / torch.cuda.get_device_properties(0).total_memory))
+        torch.cuda.set_per_process_memory_fraction(
+            min(1.0, args.cap_gb * 1e9 / torch.cuda.get_device_properties(0).total_memory)
+        )
     peak_tflops = matmul_tflops()
     sides = ["stock", "ours"] if args.side == "both" else args.side.split(",")
     unknown = set(sides) - {"stock", "ours", "ours-unfused", "ours-qat", "ours-offload", "plain-path"}
     if unknown:
         parser.error(f"unknown --side {sorted(unknown)}")
-    results = {"device": torch.cuda.get_device_name(), "shape": args.shape, "layers": config.num_hidden_layers,
-               "seq": args.seq, "batch": args.batch, "rank": args.rank, "matmul_tflops": peak_tflops, "sides": {}}  # fmt: skip
+    results = {
+        "device": torch.cuda.get_device_name(),
+        "shape": args.shape,
+        "layers": config.num_hidden_layers,
+        "seq": args.seq,
+        "batch": args.batch,
+        "rank": args.rank,
+        "matmul_tflops": peak_tflops,
+        "sides": {},
+    }
     for side in sides:
         try:
             r = run_side(side, config, args)
-            r["mfu"] = model_flops_per_step(config, r["lora_params"], args.batch, args.seq) / r["step_s"] / (peak_tflops * 1e12)
+            r["mfu"] = (
+                model_flops_per_step(config, r["lora_params"], args.batch, args.seq)
+                / r["step_s"]
+                / (peak_tflops * 1e12)
+            )
         except torch.OutOfMemoryError as e:
             r = {"side": side, "error": f"out of memory: {str(e).splitlines()[0]}"}
             gc.collect()
@@ -229,24 +288,32 @@ def main() -> None:
         Path(args.json).write_text(json.dumps(results, indent=2))
 
     gib = 1 / 2**30
-    print(f"\n{args.shape} ({config.num_hidden_layers} layers), seq {args.seq}, batch {args.batch}, LoRA r={args.rank}, "
-          f"{results['device']}, bf16 matmul {peak_tflops:.0f} TFLOP/s")  # fmt: skip
+    print(
+        f"\n{args.shape} ({config.num_hidden_layers} layers), seq {args.seq}, batch {args.batch}, LoRA r={args.rank}, "
+        f"{results['device']}, bf16 matmul {peak_tflops:.0f} TFLOP/s"
+    )
     print(f"{'':14}{'s/step':>9}{'tokens/s':>10}{'peak GiB':>10}{'MFU':>7}   losses")
     for side, r in results["sides"].items():
         if "error" in r:
             print(f"{side:14}{r['error']}")
             continue
-        print(f"{side:14}{r['step_s']:9.3f}{r['tokens_per_s']:10.0f}{r['peak_allocated'] * gib:10.2f}{r['mfu']:7.1%}   "
-              + " ".join(f"{x:.3f}" for x in r["losses"][:3]))  # fmt: skip
+        print(
+            f"{side:14}{r['step_s']:9.3f}{r['tokens_per_s']:10.0f}{r['peak_allocated'] * gib:10.2f}{r['mfu']:7.1%}   "
+            + " ".join(f"{x:.3f}" for x in r["losses"][:3])
+        )
     stock = results["sides"].get("stock", {})
     for side, r in results["sides"].items():
         if side != "stock" and "error" not in r and "error" not in stock and stock:
-            print(f"{side}/stock: tokens/s {r['tokens_per_s'] / stock['tokens_per_s']:.2f}x, "
-                  f"peak memory {r['peak_allocated'] / stock['peak_allocated']:.2f}x")  # fmt: skip
+            print(
+                f"{side}/stock: tokens/s {r['tokens_per_s'] / stock['tokens_per_s']:.2f}x, "
+                f"peak memory {r['peak_allocated'] / stock['peak_allocated']:.2f}x"
+            )
     if "ours" in results["sides"] and "plain-path" in results["sides"]:
         fast, plain = results["sides"]["ours"]["losses"], results["sides"]["plain-path"]["losses"]
-        print(f"loss curves over {len(fast)} steps, fast path vs plain path: max |difference| "
-              f"{max(abs(a - b) for a, b in zip(fast, plain)):.4f} (loss {plain[0]:.3f} -> {plain[-1]:.3f})")  # fmt: skip
+        print(
+            f"loss curves over {len(fast)} steps, fast path vs plain path: max |difference| "
+            f"{max(abs(a - b) for a, b in zip(fast, plain)):.4f} (loss {plain[0]:.3f} -> {plain[-1]:.3f})"
+        )
     if "ours" in results["sides"] and "ours-qat" in results["sides"]:
         ours, qat = results["sides"]["ours"], results["sides"]["ours-qat"]
         print(f"QAT step-time overhead: {qat['step_s'] / ours['step_s'] - 1:+.1%}")

@@ -41,8 +41,11 @@ def ordinal(day: int) -> str:
 
 def in_words(date: dt.date, wording: str) -> str:
     return wording.format(
-        ordinal=ordinal(date.day), day=date.day, year=date.year,
-        month=calendar.month_name[date.month], mon=calendar.month_abbr[date.month],
+        ordinal=ordinal(date.day),
+        day=date.day,
+        year=date.year,
+        month=calendar.month_name[date.month],
+        mon=calendar.month_abbr[date.month],
         weekday=calendar.day_name[date.weekday()],
     )
 
@@ -94,8 +97,13 @@ def measure_base_accuracy(test_file: Path, n: int, batch_size: int = 16) -> floa
     correct = 0
     for start in range(0, len(test), batch_size):
         batch = test[start : start + batch_size]
-        inputs = tokenizer.apply_chat_template([row["messages"] for row in batch], add_generation_prompt=True,
-                                               padding=True, return_tensors="pt", return_dict=True)
+        inputs = tokenizer.apply_chat_template(
+            [row["messages"] for row in batch],
+            add_generation_prompt=True,
+            padding=True,
+            return_tensors="pt",
+            return_dict=True,
+        )
         with torch.no_grad():
             out = model.generate(**inputs, max_new_tokens=24, do_sample=False)
         for row, ids in zip(batch, out[:, inputs["input_ids"].shape[1] :]):
@@ -113,8 +121,13 @@ def main() -> None:
     parser.add_argument("--train", type=int, default=2000)
     parser.add_argument("--valid", type=int, default=200)
     parser.add_argument("--test", type=int, default=200)
-    parser.add_argument("--measure-base", type=int, default=0, metavar="N",
-                        help="then report the base model's exact-match accuracy on the first N test rows")
+    parser.add_argument(
+        "--measure-base",
+        type=int,
+        default=0,
+        metavar="N",
+        help="then report the base model's exact-match accuracy on the first N test rows",
+    )
     args = parser.parse_args()
 
     args.out.mkdir(parents=True, exist_ok=True)

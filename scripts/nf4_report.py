@@ -63,7 +63,7 @@ def bitsandbytes_nf4_copy(model):
 
     model = copy.deepcopy(model)
     with torch.no_grad():
-        for name, m in model.model.layers.named_modules():
+        for m in model.model.layers.modules():
             if isinstance(m, torch.nn.Linear):
                 packed, state = bnbF.quantize_4bit(m.weight, quant_type="nf4", compress_statistics=True, blocksize=64)
                 m.weight.copy_(bnbF.dequantize_4bit(packed, state))
@@ -83,14 +83,18 @@ def main() -> None:
     ids = tokenizer(Path(args.text).read_text(), return_tensors="pt").input_ids[0]
 
     start = time.perf_counter()
-    nf4, gguf_peak = peak_memory_growth(lambda: load_quantized(source, device="cpu", compute_dtype="float32", progress=False))
+    nf4, gguf_peak = peak_memory_growth(
+        lambda: load_quantized(source, device="cpu", compute_dtype="float32", progress=False)
+    )
     load_seconds = time.perf_counter() - start
     full = load_full_precision(source, dtype=torch.float32)
 
     with tempfile.TemporaryDirectory() as tmp:
         full.save_pretrained(tmp, max_shard_size="100MB")
         checkpoint_bytes = sum(f.stat().st_size for f in Path(tmp).glob("*.safetensors"))
-        _, shards_peak = peak_memory_growth(lambda: load_quantized(tmp, device="cpu", compute_dtype="float32", progress=False))
+        _, shards_peak = peak_memory_growth(
+            lambda: load_quantized(tmp, device="cpu", compute_dtype="float32", progress=False)
+        )
 
     results = {
         "model": source.name,
@@ -113,14 +117,22 @@ def main() -> None:
 
     mb = 1 / 2**20
     print(f"\nNF4 + double quantization on {results['model']} ({results['tokens']} held-out tokens)")
-    print(f"  perplexity      full {results['ppl_full']:.3f}   nf4 {results['ppl_nf4']:.3f}   (+{results['ppl_increase_percent']:.2f}%)"
-          f"   bitsandbytes nf4 {results['ppl_bitsandbytes_nf4']:.3f}")  # fmt: skip
-    print(f"  logits          relative L2 {results['relative_l2']:.4f}   top-1 agreement {results['top1_agreement']:.3f}"
-          f"   KL {results['kl_nats_per_token']:.4f} nats/token")  # fmt: skip
-    print(f"  model size      full {results['full_model_bytes'] * mb:.0f} MiB   nf4 {results['nf4_model_bytes'] * mb:.0f} MiB"
-          f" (decoder linears {results['nf4_linear_bytes'] * mb:.0f} MiB)")  # fmt: skip
-    print(f"  load peak mem   from GGUF +{gguf_peak * mb:.0f} MiB ({load_seconds:.1f} s)   from "
-          f"{checkpoint_bytes * mb:.0f} MiB of safetensors shards +{shards_peak * mb:.0f} MiB")  # fmt: skip
+    print(
+        f"  perplexity      full {results['ppl_full']:.3f}   nf4 {results['ppl_nf4']:.3f}   (+{results['ppl_increase_percent']:.2f}%)"
+        f"   bitsandbytes nf4 {results['ppl_bitsandbytes_nf4']:.3f}"
+    )
+    print(
+        f"  logits          relative L2 {results['relative_l2']:.4f}   top-1 agreement {results['top1_agreement']:.3f}"
+        f"   KL {results['kl_nats_per_token']:.4f} nats/token"
+    )
+    print(
+        f"  model size      full {results['full_model_bytes'] * mb:.0f} MiB   nf4 {results['nf4_model_bytes'] * mb:.0f} MiB"
+        f" (decoder linears {results['nf4_linear_bytes'] * mb:.0f} MiB)"
+    )
+    print(
+        f"  load peak mem   from GGUF +{gguf_peak * mb:.0f} MiB ({load_seconds:.1f} s)   from "
+        f"{checkpoint_bytes * mb:.0f} MiB of safetensors shards +{shards_peak * mb:.0f} MiB"
+    )
 
 
 if __name__ == "__main__":

@@ -25,9 +25,22 @@ EXPORTS = {"bf16": ["--quantize", "none"], "RTN": ["--quantize", "rtn"], "GPTQ":
 def merge(adapter: Path, out: Path, export: str, args) -> dict:
     """One ``qlora-kit merge`` run; returns its report's evaluation of the written model."""
     grid = [] if export == "bf16" else ["--bits", str(args.bits), "--group-size", str(args.group_size), "--sym"]
-    command = [sys.executable, "-m", "qlora_kit.cli", "merge", str(adapter), "--out", str(out), "--overwrite",
-               *EXPORTS[export], *grid, "--calibration-samples", str(args.calibration_samples),
-               "--calibration-seq-len", str(args.calibration_seq_len)]  # fmt: skip
+    command = [
+        sys.executable,
+        "-m",
+        "qlora_kit.cli",
+        "merge",
+        str(adapter),
+        "--out",
+        str(out),
+        "--overwrite",
+        *EXPORTS[export],
+        *grid,
+        "--calibration-samples",
+        str(args.calibration_samples),
+        "--calibration-seq-len",
+        str(args.calibration_seq_len),
+    ]
     print("+", " ".join(command[1:]), flush=True)
     subprocess.run(command, check=True)
     results = json.loads((out / "report.json").read_text())["results"]
@@ -49,15 +62,21 @@ def main() -> None:
         table[str(adapter)] = {e: merge(adapter, args.out / f"{adapter.name}-{e.lower()}", e, args) for e in EXPORTS}
     (args.out / "report.json").write_text(json.dumps(table, indent=2))
 
-    print(f"\nint{args.bits}, group {args.group_size}, symmetric; perplexity on held-out text, exact match on the test split")
-    print(f"{'adapter':28}{'export':8}{'val loss':>10}{'vs bf16':>10}{'perplexity':>12}{'vs bf16':>10}"
-          f"{'exact match':>13}{'vs bf16':>10}")  # fmt: skip
+    print(
+        f"\nint{args.bits}, group {args.group_size}, symmetric; perplexity on held-out text, exact match on the test split"
+    )
+    print(
+        f"{'adapter':28}{'export':8}{'val loss':>10}{'vs bf16':>10}{'perplexity':>12}{'vs bf16':>10}"
+        f"{'exact match':>13}{'vs bf16':>10}"
+    )
     for adapter, rows in table.items():
         bf16 = rows["bf16"]
         for export, r in rows.items():
-            print(f"{adapter:28}{export:8}{r['val_loss']:10.4f}{r['val_loss'] - bf16['val_loss']:+10.4f}"
-                  f"{r['perplexity']:12.2f}{r['perplexity'] / bf16['perplexity']:9.2f}x"
-                  f"{r['exact_match']:12.1%}{(r['exact_match'] - bf16['exact_match']) * 100:+9.1f}pp")  # fmt: skip
+            print(
+                f"{adapter:28}{export:8}{r['val_loss']:10.4f}{r['val_loss'] - bf16['val_loss']:+10.4f}"
+                f"{r['perplexity']:12.2f}{r['perplexity'] / bf16['perplexity']:9.2f}x"
+                f"{r['exact_match']:12.1%}{(r['exact_match'] - bf16['exact_match']) * 100:+9.1f}pp"
+            )
 
 
 if __name__ == "__main__":

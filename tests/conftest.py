@@ -27,9 +27,17 @@ def tiny_model_dir(tmp_path_factory):
     path = tmp_path_factory.mktemp("tiny-llama")
     tokenizer = load_tokenizer(resolve_source("smollm2"))
     torch.manual_seed(0)
-    config = LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-                         num_key_value_heads=2, vocab_size=len(tokenizer), tie_word_embeddings=True,
-                         bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id)  # fmt: skip
+    config = LlamaConfig(
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        vocab_size=len(tokenizer),
+        tie_word_embeddings=True,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+    )
     LlamaForCausalLM(config).save_pretrained(path)
     tokenizer.save_pretrained(path)
     return path
@@ -39,8 +47,15 @@ def tiny_model_dir(tmp_path_factory):
 def task_files(tmp_path_factory):
     """A trivially learnable chat task: answer every question with the same word."""
     path = tmp_path_factory.mktemp("task")
-    rows = [{"messages": [{"role": "user", "content": f"Question {i}: say the word."},
-                          {"role": "assistant", "content": "banana"}]} for i in range(64)]  # fmt: skip
+    rows = [
+        {
+            "messages": [
+                {"role": "user", "content": f"Question {i}: say the word."},
+                {"role": "assistant", "content": "banana"},
+            ]
+        }
+        for i in range(64)
+    ]
     for name, part in (("train", rows[:48]), ("valid", rows[48:56]), ("test", rows[56:])):
         (path / f"{name}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in part))
     return path
@@ -52,7 +67,9 @@ def identical_rows_task(tmp_path_factory):
     differently; identical rows make every order give the same batches, so a multi-process
     run can be compared almost exactly with one process."""
     path = tmp_path_factory.mktemp("identical-rows")
-    row = json.dumps({"messages": [{"role": "user", "content": "Say the word."}, {"role": "assistant", "content": "banana"}]})
+    row = json.dumps(
+        {"messages": [{"role": "user", "content": "Say the word."}, {"role": "assistant", "content": "banana"}]}
+    )
     for name, n in (("train", 48), ("valid", 8), ("test", 4)):
         (path / f"{name}.jsonl").write_text((row + "\n") * n)
     return path
@@ -78,10 +95,23 @@ def accelerate_launch():
 
     def launch(config: str, recipe_file: Path, *overrides: str) -> subprocess.CompletedProcess:
         return subprocess.run(
-            [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(root / "recipes/accelerate" / config),
-             "--main_process_port", str(_free_port()), str(root / "train.py"), str(recipe_file), *overrides],
-            cwd=recipe_file.parent, capture_output=True, text=True, timeout=600,
-        )  # fmt: skip
+            [
+                sys.executable,
+                "-m",
+                "accelerate.commands.launch",
+                "--config_file",
+                str(root / "recipes/accelerate" / config),
+                "--main_process_port",
+                str(_free_port()),
+                str(root / "train.py"),
+                str(recipe_file),
+                *overrides,
+            ],
+            cwd=recipe_file.parent,
+            capture_output=True,
+            text=True,
+            timeout=600,
+        )
 
     return launch
 

@@ -8,7 +8,12 @@ import pytest
 import yaml
 
 from qlora_kit.config import (
-    DataSection, Recipe, RecipeError, load_recipe, recipe_to_dict, save_recipe,
+    DataSection,
+    Recipe,
+    RecipeError,
+    load_recipe,
+    recipe_to_dict,
+    save_recipe,
 )
 
 REPO = Path(__file__).resolve().parents[1]
@@ -41,6 +46,7 @@ def error(path, overrides=()) -> str:
 
 # --- loading, extends, overrides -------------------------------------------------------
 
+
 def test_minimal_recipe_takes_the_dataclass_defaults(minimal):
     recipe = load_recipe(minimal)
     assert recipe == Recipe(data=DataSection(train="data/train.jsonl"))
@@ -50,8 +56,7 @@ def test_minimal_recipe_takes_the_dataclass_defaults(minimal):
 
 def test_extends_chain_and_precedence(tmp_path):
     (tmp_path / "sub").mkdir()
-    write(tmp_path / "root.yaml",
-          "data: {train: root.jsonl}\nlora: {r: 4, alpha: 8, dropout: 0.1}\n")
+    write(tmp_path / "root.yaml", "data: {train: root.jsonl}\nlora: {r: 4, alpha: 8, dropout: 0.1}\n")
     # `extends` is relative to the extending file, not to the working directory.
     write(tmp_path / "sub" / "mid.yaml", "extends: ../root.yaml\nlora: {r: 32, alpha: 64}\n")
     leaf = write(tmp_path / "sub" / "leaf.yaml", "extends: mid.yaml\nlora: {r: 64}\n")
@@ -65,10 +70,16 @@ def test_extends_chain_and_precedence(tmp_path):
 
 
 def test_override_values_are_parsed_as_yaml(minimal):
-    recipe = load_recipe(minimal, ["lora.target_modules=[q_proj,v_proj]",
-                                   "training.gradient_checkpointing=false",
-                                   "qat.activation_bits=8", "training.eval_steps=null",
-                                   "data.system_prompt=Be brief."])
+    recipe = load_recipe(
+        minimal,
+        [
+            "lora.target_modules=[q_proj,v_proj]",
+            "training.gradient_checkpointing=false",
+            "qat.activation_bits=8",
+            "training.eval_steps=null",
+            "data.system_prompt=Be brief.",
+        ],
+    )
     assert recipe.lora.target_modules == ["q_proj", "v_proj"]
     assert recipe.training.gradient_checkpointing is False
     assert recipe.qat.activation_bits == 8
@@ -76,12 +87,11 @@ def test_override_values_are_parsed_as_yaml(minimal):
 
 
 def test_interpolation_resolves_and_a_broken_one_names_the_key(tmp_path):
-    path = write(tmp_path / "r.yaml",
-                 "data: {train: t}\noutput:\n  dir: out/${model.name_or_path}\n")
+    path = write(tmp_path / "r.yaml", "data: {train: t}\noutput:\n  dir: out/${model.name_or_path}\n")
     assert load_recipe(path).output.dir == "out/smollm2"
     assert error(path, ["output.dir=${nope}"]) == (
-        "command-line override `output.dir=${nope}`: invalid value for 'output.dir': "
-        "Interpolation key 'nope' not found")
+        "command-line override `output.dir=${nope}`: invalid value for 'output.dir': Interpolation key 'nope' not found"
+    )
 
 
 def test_empty_section_is_allowed(tmp_path):
@@ -91,6 +101,7 @@ def test_empty_section_is_allowed(tmp_path):
 
 # --- errors: each names the key, the place, and for unknown keys a suggestion ----------
 
+
 def test_unknown_key_in_file_names_file_line_and_suggestion(tmp_path):
     path = write(tmp_path / "my.yaml", "data:\n  train: t.jsonl\nlora:\n  alpha: 8\n  rank: 8\n")
     assert error(path) == f"{path}:5: unknown key 'lora.rank' — did you mean 'lora.r'?"
@@ -99,22 +110,25 @@ def test_unknown_key_in_file_names_file_line_and_suggestion(tmp_path):
 def test_unknown_key_in_a_base_recipe_names_the_base_file(tmp_path):
     write(tmp_path / "base.yaml", "trainig:\n  seed: 1\n")
     leaf = write(tmp_path / "leaf.yaml", "extends: base.yaml\ndata: {train: t.jsonl}\n")
-    assert error(leaf) == (f"{tmp_path / 'base.yaml'}:1: unknown key 'trainig'"
-                           " — did you mean 'training'?")
+    assert error(leaf) == (f"{tmp_path / 'base.yaml'}:1: unknown key 'trainig' — did you mean 'training'?")
 
 
 def test_unknown_key_in_override_and_key_in_the_wrong_section(minimal):
     assert error(minimal, ["lora.rank=8"]) == (
-        "command-line override `lora.rank=8`: unknown key 'lora.rank' — did you mean 'lora.r'?")
+        "command-line override `lora.rank=8`: unknown key 'lora.rank' — did you mean 'lora.r'?"
+    )
     assert "did you mean 'quantization.blocksize'?" in error(minimal, ["model.blocksize=64"])
     assert "did you mean" not in error(minimal, ["zzz=1"])
 
 
-@pytest.mark.parametrize("yaml_value, expected", [
-    ("abc", "could not be converted to Integer"),
-    ("2.5", "could not be converted to Integer"),
-    ("null", "Incompatible value 'None'"),
-])
+@pytest.mark.parametrize(
+    "yaml_value, expected",
+    [
+        ("abc", "could not be converted to Integer"),
+        ("2.5", "could not be converted to Integer"),
+        ("null", "Incompatible value 'None'"),
+    ],
+)
 def test_wrong_type_names_key_and_line(tmp_path, yaml_value, expected):
     path = write(tmp_path / "r.yaml", f"data:\n  train: t.jsonl\nlora:\n  r: {yaml_value}\n")
     message = error(path)
@@ -125,7 +139,8 @@ def test_wrong_type_names_key_and_line(tmp_path, yaml_value, expected):
 def test_wrong_type_in_override(minimal):
     assert error(minimal, ["training.gradient_checkpointing=maybe"]).startswith(
         "command-line override `training.gradient_checkpointing=maybe`: "
-        "invalid value for 'training.gradient_checkpointing'")
+        "invalid value for 'training.gradient_checkpointing'"
+    )
 
 
 def test_section_that_is_not_a_mapping(tmp_path):
@@ -137,28 +152,35 @@ def test_section_that_is_not_a_mapping(tmp_path):
 
 def test_missing_required_value(tmp_path, minimal):
     empty = write(tmp_path / "empty.yaml", "lora: {r: 8}\n")
-    assert error(empty) == (f"{empty}: missing required value 'data.train' — set it in the "
-                            "recipe or on the command line (data.train=...)")
+    assert error(empty) == (
+        f"{empty}: missing required value 'data.train' — set it in the recipe or on the command line (data.train=...)"
+    )
     marked = write(tmp_path / "marked.yaml", "lora: {r: 8}\ndata:\n  train: ???\n")
     assert error(marked).startswith(f"{marked}:3: missing required value 'data.train'")
     assert load_recipe(empty, ["data.train=x.jsonl"]).data.train == "x.jsonl"
 
 
-@pytest.mark.parametrize("override, key, expected", [
-    ("training.optimizer=sgd", "training.optimizer",
-     "must be one of: paged_adamw_8bit, paged_adamw_32bit, adamw_8bit, adamw"),
-    ("quantization.kernel=cuda", "quantization.kernel", "must be one of: auto, triton, torch"),
-    ("quantization.blocksize=128", "quantization.blocksize", "must be one of: 64"),
-    ("model.compute_dtype=fp16", "model.compute_dtype", "bfloat16, float16, float32"),
-    ("qat.activation_bits=4", "qat.activation_bits", "must be one of: null, 8"),
-    ("lora.r=0", "lora.r", "must be > 0"),
-    ("lora.target_modules=all_linear", "lora.target_modules", "'all-linear' or a non-empty list"),
-    ("lora.target_modules=[]", "lora.target_modules", "'all-linear' or a non-empty list"),
-    ("data.validation_split=1.0", "data.validation_split", "must be in [0, 1)"),
-    ("data.validation_split=-0.1", "data.validation_split", "must be in [0, 1)"),
-    ("training.max_steps=0", "training.max_steps", "-1 (use epochs) or > 0"),
-    ("qat.bits=3", "qat.bits", "bits must be 4"),  # only with qat.format=nf4, below
-])
+@pytest.mark.parametrize(
+    "override, key, expected",
+    [
+        (
+            "training.optimizer=sgd",
+            "training.optimizer",
+            "must be one of: paged_adamw_8bit, paged_adamw_32bit, adamw_8bit, adamw",
+        ),
+        ("quantization.kernel=cuda", "quantization.kernel", "must be one of: auto, triton, torch"),
+        ("quantization.blocksize=128", "quantization.blocksize", "must be one of: 64"),
+        ("model.compute_dtype=fp16", "model.compute_dtype", "bfloat16, float16, float32"),
+        ("qat.activation_bits=4", "qat.activation_bits", "must be one of: null, 8"),
+        ("lora.r=0", "lora.r", "must be > 0"),
+        ("lora.target_modules=all_linear", "lora.target_modules", "'all-linear' or a non-empty list"),
+        ("lora.target_modules=[]", "lora.target_modules", "'all-linear' or a non-empty list"),
+        ("data.validation_split=1.0", "data.validation_split", "must be in [0, 1)"),
+        ("data.validation_split=-0.1", "data.validation_split", "must be in [0, 1)"),
+        ("training.max_steps=0", "training.max_steps", "-1 (use epochs) or > 0"),
+        ("qat.bits=3", "qat.bits", "bits must be 4"),  # only with qat.format=nf4, below
+    ],
+)
 def test_invalid_choice_or_range_from_override(minimal, override, key, expected):
     overrides = ["qat.format=nf4", override] if key == "qat.bits" else [override]
     message = error(minimal, overrides)
@@ -169,8 +191,7 @@ def test_invalid_choice_or_range_from_override(minimal, override, key, expected)
 def test_invalid_choice_in_file_names_its_line(tmp_path):
     write(tmp_path / "base.yaml", "training:\n  seed: 1\n  optimizer: lion\n")
     leaf = write(tmp_path / "leaf.yaml", "extends: base.yaml\ndata: {train: t.jsonl}\n")
-    assert error(leaf).startswith(
-        f"{tmp_path / 'base.yaml'}:3: invalid value 'lion' for 'training.optimizer'")
+    assert error(leaf).startswith(f"{tmp_path / 'base.yaml'}:3: invalid value 'lion' for 'training.optimizer'")
     # The same bad value, fixed on the command line, loads.
     assert load_recipe(leaf, ["training.optimizer=adamw"]).training.optimizer == "adamw"
 
@@ -181,7 +202,8 @@ def test_file_errors(tmp_path):
     bad = write(tmp_path / "bad.yaml", "data:\n  train: t.jsonl\nlora: [1, 2\n")
     assert re.match(rf"{re.escape(str(bad))}:\d+: invalid YAML: ", error(bad))
     assert error(write(tmp_path / "list.yaml", "- a\n- b\n")).endswith(
-        "the top level must be a mapping of sections (model:, lora:, ...), got list")
+        "the top level must be a mapping of sections (model:, lora:, ...), got list"
+    )
     dup = write(tmp_path / "dup.yaml", "lora:\n  r: 4\n  r: 8\n")
     assert error(dup) == f"{dup}:3: duplicate key 'lora.r' (also on line 2)"
 
@@ -192,24 +214,31 @@ def test_extends_errors(tmp_path):
     a = write(tmp_path / "a.yaml", "extends: b.yaml\n")
     b = write(tmp_path / "b.yaml", "extends: a.yaml\n")
     assert error(a) == f"extends cycle: {a} -> {b} -> {a}"
-    assert error(write(tmp_path / "c.yaml", "extends: [x]\n")).endswith(
-        ":1: 'extends' must be a path, got ['x']")
+    assert error(write(tmp_path / "c.yaml", "extends: [x]\n")).endswith(":1: 'extends' must be a path, got ['x']")
 
 
 def test_bad_override_syntax(minimal):
-    assert error(minimal, ["lora.r"]) == (
-        "bad command-line override `lora.r`: expected key=value, e.g. lora.r=8")
+    assert error(minimal, ["lora.r"]) == ("bad command-line override `lora.r`: expected key=value, e.g. lora.r=8")
     assert error(minimal, ["lora..r=8"]).startswith("bad command-line override `lora..r=8`")
     assert error(minimal, ["lora.target_modules=[a,"]).startswith(
-        "command-line override `lora.target_modules=[a,`: cannot parse the value")
+        "command-line override `lora.target_modules=[a,`: cannot parse the value"
+    )
     assert "can only be set in a recipe file" in error(minimal, ["extends=x.yaml"])
 
 
 # --- saving, and the reference recipe ------------------------------------------------
 
+
 def test_save_load_round_trip(tmp_path, minimal):
-    recipe = load_recipe(minimal, ["lora.target_modules=[q_proj,v_proj]", "qat.enabled=true",
-                                   "training.learning_rate=3e-5", "data.validation_split=0.1"])
+    recipe = load_recipe(
+        minimal,
+        [
+            "lora.target_modules=[q_proj,v_proj]",
+            "qat.enabled=true",
+            "training.learning_rate=3e-5",
+            "data.validation_split=0.1",
+        ],
+    )
     out = tmp_path / "out" / "recipe.yaml"
     save_recipe(recipe, out)
     assert load_recipe(out) == recipe

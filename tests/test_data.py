@@ -13,8 +13,16 @@ import torch
 from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
 from qlora_kit.data import (
-    IGNORE_INDEX, DataCollator, DataError, build_datasets, detect_format, exact_match, load_rows, pack,
-    to_messages, tokenize_example,
+    IGNORE_INDEX,
+    DataCollator,
+    DataError,
+    build_datasets,
+    detect_format,
+    exact_match,
+    load_rows,
+    pack,
+    to_messages,
+    tokenize_example,
 )
 
 REPO = Path(__file__).resolve().parents[1]
@@ -35,8 +43,19 @@ def private_datasets_cache(tmp_path, monkeypatch):
 
 
 def data_cfg(train, **overrides):
-    cfg = dict(train=str(train), validation=None, validation_split=0.0, test=None, format="auto", split="train",
-               max_seq_len=1024, packing=False, train_on_prompt=False, on_bad_row="error", system_prompt=None)
+    cfg = dict(
+        train=str(train),
+        validation=None,
+        validation_split=0.0,
+        test=None,
+        format="auto",
+        split="train",
+        max_seq_len=1024,
+        packing=False,
+        train_on_prompt=False,
+        on_bad_row="error",
+        system_prompt=None,
+    )
     return SimpleNamespace(**{**cfg, **overrides})
 
 
@@ -69,18 +88,31 @@ def assistant(text):
 
 # (format, one row, the messages it converts to); the response is always "4".
 CASES = {
-    "messages": ("messages", {"messages": [user("What is 2+2?"), assistant("4")]},
-                 [user("What is 2+2?"), assistant("4")]),
-    "prompt_completion": ("prompt_completion", {"prompt": "What is 2+2?", "completion": "4"},
-                          [user("What is 2+2?"), assistant("4")]),
-    "prompt_completion_messages": ("prompt_completion",
-                                   {"prompt": [{"role": "system", "content": "Be terse."}, user("What is 2+2?")],
-                                    "completion": [assistant("4")]},
-                                   [{"role": "system", "content": "Be terse."}, user("What is 2+2?"), assistant("4")]),
-    "alpaca": ("alpaca", {"instruction": "Add the numbers.", "input": "2 and 2", "output": "4"},
-               [user("Add the numbers.\n\n2 and 2"), assistant("4")]),
-    "alpaca_no_input": ("alpaca", {"instruction": "What is 2+2?", "output": "4"},
-                        [user("What is 2+2?"), assistant("4")]),
+    "messages": (
+        "messages",
+        {"messages": [user("What is 2+2?"), assistant("4")]},
+        [user("What is 2+2?"), assistant("4")],
+    ),
+    "prompt_completion": (
+        "prompt_completion",
+        {"prompt": "What is 2+2?", "completion": "4"},
+        [user("What is 2+2?"), assistant("4")],
+    ),
+    "prompt_completion_messages": (
+        "prompt_completion",
+        {"prompt": [{"role": "system", "content": "Be terse."}, user("What is 2+2?")], "completion": [assistant("4")]},
+        [{"role": "system", "content": "Be terse."}, user("What is 2+2?"), assistant("4")],
+    ),
+    "alpaca": (
+        "alpaca",
+        {"instruction": "Add the numbers.", "input": "2 and 2", "output": "4"},
+        [user("Add the numbers.\n\n2 and 2"), assistant("4")],
+    ),
+    "alpaca_no_input": (
+        "alpaca",
+        {"instruction": "What is 2+2?", "output": "4"},
+        [user("What is 2+2?"), assistant("4")],
+    ),
     "text": ("text", {"text": "2+2=4"}, "2+2=4"),
 }
 
@@ -123,8 +155,13 @@ def test_labels_are_exactly_the_answer_and_its_end_of_turn(tok):
 
 
 def test_multi_turn_trains_on_every_assistant_turn_only(tok):
-    messages = [{"role": "system", "content": "You count."}, user("one?"), assistant("1"), user("two?"),
-                assistant("2 2")]
+    messages = [
+        {"role": "system", "content": "You count."},
+        user("one?"),
+        assistant("1"),
+        user("two?"),
+        assistant("2 2"),
+    ]
     row = tokenize_example(messages, tok, max_seq_len=1024)
     trained = [i for i, label in enumerate(row["labels"]) if label != IGNORE_INDEX]
     runs = [[trained[0]]]
@@ -140,8 +177,11 @@ def test_system_prompt_is_added_and_masked(tok):
     assert "Be brief." in tok.decode(row["input_ids"]) and DEFAULT_SYSTEM not in tok.decode(row["input_ids"])
     assert trained_text(tok, row) == "hello<|im_end|>"
     # A row's own system message wins over the recipe's.
-    own = to_messages({"messages": [{"role": "system", "content": "Mine."}, user("q"), assistant("a")]}, "messages",
-                      system_prompt="Be brief.")
+    own = to_messages(
+        {"messages": [{"role": "system", "content": "Mine."}, user("q"), assistant("a")]},
+        "messages",
+        system_prompt="Be brief.",
+    )
     assert [m["content"] for m in own] == ["Mine.", "q", "a"]
 
 
@@ -185,8 +225,15 @@ def test_packing_keeps_examples_whole_with_positions_restarting(tok, tmp_path):
 
 def test_packed_rows_compute_the_same_logits_as_separate_examples():
     torch.manual_seed(0)
-    config = LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                         num_attention_heads=4, num_key_value_heads=2, attn_implementation="sdpa")
+    config = LlamaConfig(
+        vocab_size=64,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        attn_implementation="sdpa",
+    )
     model = LlamaForCausalLM(config).eval()
     examples = [torch.randint(3, 64, (n,)).tolist() for n in (5, 3, 6)]
     packed = pack(datasets.Dataset.from_dict({"input_ids": examples, "labels": examples}), max_seq_len=9)
@@ -221,8 +268,11 @@ BAD_ROWS = [
     ("messages", {"messages": [user("q"), {"role": "assistant"}]}, "must have 'role' and 'content'"),
     ("prompt_completion", {"prompt": "q", "completion": 3}, "'completion' must be a string"),
 ]
-GOOD_ROWS = {"alpaca": {"instruction": "i", "output": "o"}, "messages": {"messages": [user("q"), assistant("a")]},
-             "prompt_completion": {"prompt": "q", "completion": "c"}}
+GOOD_ROWS = {
+    "alpaca": {"instruction": "i", "output": "o"},
+    "messages": {"messages": [user("q"), assistant("a")]},
+    "prompt_completion": {"prompt": "q", "completion": "c"},
+}
 
 
 @pytest.mark.parametrize("fmt,bad,problem", BAD_ROWS)
@@ -313,8 +363,10 @@ def test_collator_pads_right(tok):
     assert "position_ids" not in batch
 
     no_pad = SimpleNamespace(pad_token_id=None, eos_token_id=9)
-    packed = [{"input_ids": [5, 6, 7], "labels": [-100, 6, 7], "position_ids": [0, 0, 1]},
-              {"input_ids": [8], "labels": [8], "position_ids": [0]}]
+    packed = [
+        {"input_ids": [5, 6, 7], "labels": [-100, 6, 7], "position_ids": [0, 0, 1]},
+        {"input_ids": [8], "labels": [8], "position_ids": [0]},
+    ]
     batch = DataCollator(no_pad)(packed)
     assert batch["input_ids"].tolist() == [[5, 6, 7], [8, 9, 9]]
     assert batch["position_ids"].tolist() == [[0, 0, 1], [0, 0, 0]]
@@ -337,8 +389,9 @@ def test_quickstart_task_files(tok):
         lines = (TASK / f"{name}.jsonl").read_text().splitlines()
         assert [json.loads(line) for line in lines] == rows
 
-    data = build_datasets(data_cfg(TASK / "train.jsonl", validation=str(TASK / "valid.jsonl"),
-                                   test=str(TASK / "test.jsonl")), tok, seed=0)
+    data = build_datasets(
+        data_cfg(TASK / "train.jsonl", validation=str(TASK / "valid.jsonl"), test=str(TASK / "test.jsonl")), tok, seed=0
+    )
     assert (len(data.train), len(data.validation), len(data.test)) == (2000, 200, 200)
     assert max(len(r) for r in data.train["input_ids"]) < 96
     train_prompts = {json.dumps(r["messages"][:-1]) for r in splits["train"]}

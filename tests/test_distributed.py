@@ -10,11 +10,13 @@ from qlora_kit.model.adapters import ADAPTER_WEIGHTS
 from qlora_kit.pipelines.train import train
 
 
-def test_two_processes_all_reduce_the_adapters(tmp_path, tiny_model_dir, identical_rows_task, make_recipe,
-                                                accelerate_launch):  # fmt: skip
+def test_two_processes_all_reduce_the_adapters(
+    tmp_path, tiny_model_dir, identical_rows_task, make_recipe, accelerate_launch
+):
     steps = ["training.max_steps=4", "training.batch_size=4", "training.save_steps=100", "data.test=null"]
-    single = make_recipe(tmp_path / "single", tiny_model_dir, identical_rows_task, *steps,
-                         "training.gradient_accumulation_steps=2")  # fmt: skip
+    single = make_recipe(
+        tmp_path / "single", tiny_model_dir, identical_rows_task, *steps, "training.gradient_accumulation_steps=2"
+    )
     train(single)
 
     make_recipe(tmp_path / "ddp", tiny_model_dir, identical_rows_task, *steps)  # writes tmp_path/ddp/recipe.yaml
@@ -22,8 +24,10 @@ def test_two_processes_all_reduce_the_adapters(tmp_path, tiny_model_dir, identic
     assert result.returncode == 0, result.stderr[-3000:]
 
     # The same losses and gradient norms step by step: the all-reduced gradient is the accumulated one.
-    logs = [json.loads((tmp_path / run / "out" / "checkpoint-4" / "trainer_state.json").read_text())["log_history"]
-            for run in ("single", "ddp")]  # fmt: skip
+    logs = [
+        json.loads((tmp_path / run / "out" / "checkpoint-4" / "trainer_state.json").read_text())["log_history"]
+        for run in ("single", "ddp")
+    ]
     steps_a, steps_b = ([(e["loss"], e["grad_norm"]) for e in log if "grad_norm" in e] for log in logs)
     assert len(steps_a) == 4 and torch.allclose(torch.tensor(steps_a), torch.tensor(steps_b), rtol=1e-5)
     # Adam divides by sqrt(v), which magnifies float-rounding differences of near-zero gradients.

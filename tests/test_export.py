@@ -28,8 +28,15 @@ from qlora_kit.pipelines.merge import NF4Weights, QuantSpec, merged_model, read_
 from qlora_kit.quant.intq import IntQuantWeight
 
 AWQ_ORDER = [0, 2, 4, 6, 1, 3, 5, 7]
-LINEARS = ["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
-           "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj"]  # fmt: skip
+LINEARS = [
+    "self_attn.q_proj",
+    "self_attn.k_proj",
+    "self_attn.v_proj",
+    "self_attn.o_proj",
+    "mlp.gate_proj",
+    "mlp.up_proj",
+    "mlp.down_proj",
+]
 
 
 def nibbles(words: np.ndarray) -> np.ndarray:
@@ -50,6 +57,7 @@ def read_gptq_v1(t: dict) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarra
 
 def read_awq_gemm(t: dict) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """formats.md: qweight [K, N/8], nibble i of word c holds output column 8c + order[i]; raw zeros."""
+
     def unpack(words):
         nib = nibbles(words)  # [rows, c, i]
         out = np.empty_like(nib)
@@ -76,8 +84,15 @@ def tiny(tmp_path_factory):
     """A 2-layer Llama (hidden 128, vocab 300, untied lm_head) and a LoRA adapter on every linear."""
     root = tmp_path_factory.mktemp("tiny-export")
     torch.manual_seed(0)
-    config = LlamaConfig(hidden_size=128, intermediate_size=256, num_hidden_layers=2, num_attention_heads=4,
-                         num_key_value_heads=4, vocab_size=300, tie_word_embeddings=False)  # fmt: skip
+    config = LlamaConfig(
+        hidden_size=128,
+        intermediate_size=256,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=4,
+        vocab_size=300,
+        tie_word_embeddings=False,
+    )
     LlamaForCausalLM(config).save_pretrained(root / "base")
     model = load_quantized(str(root / "base"), device="cpu", compute_dtype="float32", progress=False)
     add_lora(model, r=4, alpha=8)
@@ -93,8 +108,11 @@ def quantized_parts(tiny, spec):
     """Run the driver: the tensors of the merged, quantized model, exactly as they are exported."""
     base = NF4Weights(tiny["nf4"], torch.device("cpu"))
     ids = torch.randint(0, 300, (8, 64), generator=torch.Generator().manual_seed(1))
-    return list(merged_model(tiny["config"], base, tiny["adapter"], spec, ids, torch.device("cpu"),
-                             torch.float32, progress=False))  # fmt: skip
+    return list(
+        merged_model(
+            tiny["config"], base, tiny["adapter"], spec, ids, torch.device("cpu"), torch.float32, progress=False
+        )
+    )
 
 
 def export(tiny, parts, out, fmt, qc, max_shard_bytes=2**30):
@@ -115,8 +133,11 @@ SPECS = {
 def test_independent_reader_recovers_what_we_quantized(tmp_path, tiny, case):
     spec, fmt = SPECS[case]
     parts = quantized_parts(tiny, spec)
-    qc = (gptq_quantization_config(4, spec.group_size, spec.symmetric, spec.act_order, 0.01) if fmt == "gptq"
-          else awq_quantization_config(4, spec.group_size))  # fmt: skip
+    qc = (
+        gptq_quantization_config(4, spec.group_size, spec.symmetric, spec.act_order, 0.01)
+        if fmt == "gptq"
+        else awq_quantization_config(4, spec.group_size)
+    )
     export(tiny, parts, tmp_path / "out", fmt, qc, max_shard_bytes=100_000)  # several shards
     files = read_checkpoint(tmp_path / "out")
     ours = {name: v for part in parts for name, v in part.items()}
@@ -124,8 +145,11 @@ def test_independent_reader_recovers_what_we_quantized(tmp_path, tiny, case):
     assert len(quantized) == 2 * len(LINEARS)
     for name, w in quantized.items():
         prefix = name.removesuffix(".weight")
-        t = {key: files[f"{prefix}.{key}"] for key in ("qweight", "qzeros", "scales", "g_idx")
-             if f"{prefix}.{key}" in files}  # fmt: skip
+        t = {
+            key: files[f"{prefix}.{key}"]
+            for key in ("qweight", "qzeros", "scales", "g_idx")
+            if f"{prefix}.{key}" in files
+        }
         if fmt == "gptq":
             q, zero, scale, g_idx = read_gptq_v1(t)
             assert np.array_equal(g_idx, w.g_idx.numpy()), name
@@ -150,10 +174,17 @@ def packed_layout(fmt: str, n: int, k: int, group_size: int) -> dict:
     """formats.md's tables: tensor -> (shape, dtype) for a Linear [N, K]."""
     g = k // group_size
     if fmt == "gptq":
-        return {"qweight": ((k // 8, n), torch.int32), "qzeros": ((g, n // 8), torch.int32),
-                "scales": ((g, n), torch.float16), "g_idx": ((k,), torch.int32)}  # fmt: skip
-    return {"qweight": ((k, n // 8), torch.int32), "qzeros": ((g, n // 8), torch.int32),
-            "scales": ((g, n), torch.float16)}  # fmt: skip
+        return {
+            "qweight": ((k // 8, n), torch.int32),
+            "qzeros": ((g, n // 8), torch.int32),
+            "scales": ((g, n), torch.float16),
+            "g_idx": ((k,), torch.int32),
+        }
+    return {
+        "qweight": ((k, n // 8), torch.int32),
+        "qzeros": ((g, n // 8), torch.int32),
+        "scales": ((g, n), torch.float16),
+    }
 
 
 @pytest.mark.parametrize("fmt", ["gptq", "awq"])
@@ -181,13 +212,27 @@ def test_names_shapes_and_dtypes_are_what_loaders_expect(tmp_path, tiny, fmt):
     assert written["quantization_config"] == qc
     assert written["dtype"] == "float16"
     if fmt == "gptq":
-        assert qc == {"quant_method": "gptq", "bits": 4, "group_size": 32, "desc_act": False, "sym": True,
-                      "damp_percent": 0.01, "true_sequential": True, "checkpoint_format": "gptq",
-                      "static_groups": False}  # fmt: skip
+        assert qc == {
+            "quant_method": "gptq",
+            "bits": 4,
+            "group_size": 32,
+            "desc_act": False,
+            "sym": True,
+            "damp_percent": 0.01,
+            "true_sequential": True,
+            "checkpoint_format": "gptq",
+            "static_groups": False,
+        }
         assert json.loads((out / "quantize_config.json").read_text()) == qc
     else:
-        assert qc == {"quant_method": "awq", "bits": 4, "group_size": 32, "zero_point": True, "version": "gemm",
-                      "modules_to_not_convert": None}  # fmt: skip
+        assert qc == {
+            "quant_method": "awq",
+            "bits": 4,
+            "group_size": 32,
+            "zero_point": True,
+            "version": "gemm",
+            "modules_to_not_convert": None,
+        }
         assert not (out / "quantize_config.json").exists()
 
 

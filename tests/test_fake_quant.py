@@ -59,8 +59,10 @@ def _activation_reference(x, bits):
 
 INT_CONFIGS = [
     FakeQuantConfig("int", bits, group_size, symmetric)
-    for bits in (3, 4, 8) for group_size in (16, -1) for symmetric in (True, False)
-]  # fmt: skip
+    for bits in (3, 4, 8)
+    for group_size in (16, -1)
+    for symmetric in (True, False)
+]
 
 
 @pytest.mark.parametrize("cfg", INT_CONFIGS, ids=str)
@@ -152,7 +154,7 @@ def test_activation_matches_float64_per_token(bits):
     ref, ratio = _activation_reference(x.detach(), bits)
 
     # float32 and float64 may round differently only at a tie (ratio k + 1/2).
-    near_tie = ((ratio - ratio.floor() - 0.5).abs() < 1e-4)
+    near_tie = (ratio - ratio.floor() - 0.5).abs() < 1e-4
     absmax = x.detach().double().abs().amax(dim=-1, keepdim=True)
     close = (x_q.double() - ref).abs() <= 1e-6 * absmax
     assert (close | near_tie).all() and close.float().mean() > 0.99
@@ -171,13 +173,16 @@ def test_activation_keeps_dtype():
     assert torch.equal(x_q, fake_quantize_activation(x.float(), 8).bfloat16())
 
 
-@pytest.mark.parametrize("kwargs, match", [
-    ({"format": "fp8"}, "format"),
-    ({"format": "nf4", "bits": 3}, "bits"),
-    ({"bits": 9}, "bits"),
-    ({"group_size": 0}, "group_size"),
-    ({"activation_bits": 16}, "activation_bits"),
-])  # fmt: skip
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        ({"format": "fp8"}, "format"),
+        ({"format": "nf4", "bits": 3}, "bits"),
+        ({"bits": 9}, "bits"),
+        ({"group_size": 0}, "group_size"),
+        ({"activation_bits": 16}, "activation_bits"),
+    ],
+)
 def test_config_rejects_bad_values(kwargs, match):
     with pytest.raises(ValueError, match=match):
         FakeQuantConfig(**kwargs)

@@ -10,13 +10,25 @@ ROOT = Path(__file__).resolve().parent.parent
 
 
 def _losses(tmp_path, fused: bool) -> list[float]:
-    recipe = load_recipe(ROOT / "recipes" / "quickstart.yaml", [
-        f"training.fused_kernels={str(fused).lower()}", "training.max_steps=50", "training.batch_size=1",
-        "training.logging_steps=1", "training.save_steps=50", "training.eval_steps=null", "training.uncheckpointed_layers=10",
-        "training.gradient_checkpointing=true", "data.validation=null", "data.test=null", "output.report_to=none",
-        "data.max_seq_len=96",
-        f"data.train={ROOT / 'examples/date-iso/train.jsonl'}", f"output.dir={tmp_path / str(fused)}",
-    ])  # fmt: skip
+    recipe = load_recipe(
+        ROOT / "recipes" / "quickstart.yaml",
+        [
+            f"training.fused_kernels={str(fused).lower()}",
+            "training.max_steps=50",
+            "training.batch_size=1",
+            "training.logging_steps=1",
+            "training.save_steps=50",
+            "training.eval_steps=null",
+            "training.uncheckpointed_layers=10",
+            "training.gradient_checkpointing=true",
+            "data.validation=null",
+            "data.test=null",
+            "output.report_to=none",
+            "data.max_seq_len=96",
+            f"data.train={ROOT / 'examples/date-iso/train.jsonl'}",
+            f"output.dir={tmp_path / str(fused)}",
+        ],
+    )
     train(recipe)
     state = json.loads((tmp_path / str(fused) / "checkpoint-50" / "trainer_state.json").read_text())
     return [entry["loss"] for entry in state["log_history"] if "loss" in entry]

@@ -43,7 +43,9 @@ def test_parameter_storage_holds_the_same_bits(dtype):
     layer.set_quant_storage(dtype)
     assert not list(layer.buffers())
     assert {n for n, p in layer.named_parameters()} == {*NF4_STORAGE, "bias"}
-    assert all(p.dtype == dtype and p.dim() == 1 and not p.requires_grad for n, p in layer.named_parameters() if n != "bias")
+    assert all(
+        p.dtype == dtype and p.dim() == 1 and not p.requires_grad for n, p in layer.named_parameters() if n != "bias"
+    )
     for field in ("packed", "absmax_q", "nested_absmax", "offset"):
         assert torch.equal(getattr(layer.nf4_weight, field), getattr(expected, field)), field
     assert torch.equal(layer(x), expected_y)
@@ -53,7 +55,9 @@ def test_parameter_storage_holds_the_same_bits(dtype):
 
 
 def test_cast_storage_is_refused():
-    layer = NF4Linear(quantize_nf4(torch.randn(64, 64)), None, compute_dtype=torch.float32, quant_storage=torch.bfloat16)
+    layer = NF4Linear(
+        quantize_nf4(torch.randn(64, 64)), None, compute_dtype=torch.float32, quant_storage=torch.bfloat16
+    )
     layer.to(torch.float16)  # converts the values: the bytes are gone
     with pytest.raises(RuntimeError, match="cast from torch.bfloat16 to torch.float16"):
         layer(torch.randn(2, 64))
@@ -134,14 +138,18 @@ def _sharding_worker(rank: int, port: int, model_dir: str, adapter_dir: str) -> 
 
 
 def test_nf4_weights_are_sharded_and_gathered_bit_exact(tmp_path, tiny_model_dir, free_port):
-    torch.multiprocessing.spawn(_sharding_worker, args=(free_port, str(tiny_model_dir), str(tmp_path / "adapter")),
-                                nprocs=2)  # fmt: skip
+    torch.multiprocessing.spawn(
+        _sharding_worker, args=(free_port, str(tiny_model_dir), str(tmp_path / "adapter")), nprocs=2
+    )
 
 
-def test_fsdp_training_equals_one_process(tmp_path, tiny_model_dir, identical_rows_task, make_recipe, accelerate_launch):
+def test_fsdp_training_equals_one_process(
+    tmp_path, tiny_model_dir, identical_rows_task, make_recipe, accelerate_launch
+):
     steps = ["training.max_steps=4", "training.batch_size=4", "training.save_steps=2"]
-    single = make_recipe(tmp_path / "single", tiny_model_dir, identical_rows_task, *steps,
-                         "training.gradient_accumulation_steps=2")  # fmt: skip
+    single = make_recipe(
+        tmp_path / "single", tiny_model_dir, identical_rows_task, *steps, "training.gradient_accumulation_steps=2"
+    )
     train(single)
 
     make_recipe(tmp_path / "fsdp", tiny_model_dir, identical_rows_task, *steps)  # writes tmp_path/fsdp/recipe.yaml
@@ -151,8 +159,10 @@ def test_fsdp_training_equals_one_process(tmp_path, tiny_model_dir, identical_ro
 
     # The same losses and gradient norms step by step: the reduce-scattered gradient is the accumulated one.
     single_out, fsdp_out = Path(single.output.dir), tmp_path / "fsdp" / "out"
-    logs = [json.loads((out / "checkpoint-4" / "trainer_state.json").read_text())["log_history"]
-            for out in (single_out, fsdp_out)]  # fmt: skip
+    logs = [
+        json.loads((out / "checkpoint-4" / "trainer_state.json").read_text())["log_history"]
+        for out in (single_out, fsdp_out)
+    ]
     steps_a, steps_b = ([(e["loss"], e["grad_norm"]) for e in log if "grad_norm" in e] for log in logs)
     assert len(steps_a) == 4 and torch.allclose(torch.tensor(steps_a), torch.tensor(steps_b), rtol=1e-5)
     metrics = [json.loads((out / "metrics.json").read_text()) for out in (single_out, fsdp_out)]
@@ -161,8 +171,10 @@ def test_fsdp_training_equals_one_process(tmp_path, tiny_model_dir, identical_ro
     # The same files as one process writes (one RNG state per process aside), with the same tensors.
     for directory in (single_out / "checkpoint-4", fsdp_out / "checkpoint-4", single_out, fsdp_out):
         assert (directory / ADAPTER_WEIGHTS).is_file()
-    files = [{f.name for f in (out / "checkpoint-4").iterdir() if not f.name.startswith("rng_state")}
-             for out in (single_out, fsdp_out)]  # fmt: skip
+    files = [
+        {f.name for f in (out / "checkpoint-4").iterdir() if not f.name.startswith("rng_state")}
+        for out in (single_out, fsdp_out)
+    ]
     assert files[0] == files[1]
     # Adam divides by sqrt(v), which magnifies float-rounding differences of near-zero gradients.
     a, b = load_file(str(single_out / ADAPTER_WEIGHTS)), load_file(str(fsdp_out / ADAPTER_WEIGHTS))
@@ -170,15 +182,24 @@ def test_fsdp_training_equals_one_process(tmp_path, tiny_model_dir, identical_ro
     for key in a:
         assert a[key].shape == b[key].shape and torch.allclose(a[key], b[key], atol=1e-4), key
     assert any(not torch.equal(t, torch.zeros_like(t)) for k, t in b.items() if "lora_B" in k)  # it trained
-    opt_a, opt_b = (torch.load(out / "checkpoint-4" / "optimizer.pt", weights_only=True) for out in (single_out, fsdp_out))
+    opt_a, opt_b = (
+        torch.load(out / "checkpoint-4" / "optimizer.pt", weights_only=True) for out in (single_out, fsdp_out)
+    )
     assert opt_a["state"].keys() == opt_b["state"].keys() and opt_a["param_groups"] == opt_b["param_groups"]
     for i, state in opt_a["state"].items():
         assert torch.allclose(state["exp_avg"], opt_b["state"][i]["exp_avg"], atol=1e-5)
 
     # One process resumes from the FSDP run's checkpoint and ends where it would have on its own.
     shutil.copytree(fsdp_out / "checkpoint-2", tmp_path / "resumed" / "out" / "checkpoint-2")
-    resumed = make_recipe(tmp_path / "resumed", tiny_model_dir, identical_rows_task, *steps,
-                          "training.gradient_accumulation_steps=2", "training.resume=true", "data.test=null")  # fmt: skip
+    resumed = make_recipe(
+        tmp_path / "resumed",
+        tiny_model_dir,
+        identical_rows_task,
+        *steps,
+        "training.gradient_accumulation_steps=2",
+        "training.resume=true",
+        "data.test=null",
+    )
     train(resumed)
     c = load_file(str(Path(resumed.output.dir) / ADAPTER_WEIGHTS))
     for key in a:

@@ -29,9 +29,16 @@ LAYERS = 2
 def tiny_model(model_type: str, seed: int = 0):
     """A random model with random norm weights and LoRA adapters whose B is not zero (so A gets gradients)."""
     config = AutoConfig.for_model(
-        model_type, hidden_size=96, intermediate_size=176, num_hidden_layers=LAYERS, num_attention_heads=4,
-        num_key_value_heads=2, head_dim=24, vocab_size=128, max_position_embeddings=64,
-    )  # fmt: skip
+        model_type,
+        hidden_size=96,
+        intermediate_size=176,
+        num_hidden_layers=LAYERS,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=24,
+        vocab_size=128,
+        max_position_embeddings=64,
+    )
     torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_config(config, attn_implementation="sdpa").to(DEVICE)
     for name, p in model.named_parameters():

@@ -105,8 +105,11 @@ def test_rms_norm_frozen_weight_gets_no_gradient():
 
 def test_rms_norm_forward_rounds_like_transformers():
     """bf16 and fp16 inputs with a bf16 or fp32 weight: output dtype and bits as LlamaRMSNorm's."""
-    for x_dtype, w_dtype in [(torch.bfloat16, torch.bfloat16), (torch.bfloat16, torch.float32),
-                             (torch.float16, torch.float16)]:  # fmt: skip
+    for x_dtype, w_dtype in [
+        (torch.bfloat16, torch.bfloat16),
+        (torch.bfloat16, torch.float32),
+        (torch.float16, torch.float16),
+    ]:
         x = _randn((7, 576), x_dtype, seed=5, scale=2.0)
         w = _randn((576,), w_dtype, seed=6)
         y, rstd = rms_norm_forward(x, w, EPS)

@@ -47,7 +47,7 @@ def obs_reference(weight, x, bits, group_size, symmetric, act_order, damp=0.01):
     loss = 0.0
     for i in range(k):
         if i % g == 0:
-            grp = W[:, i:i + g]
+            grp = W[:, i : i + g]
             if symmetric:
                 scale, zero = 2 * grp.abs().amax(1) / maxq, torch.full((W.shape[0],), 2.0 ** (bits - 1))
             else:
@@ -56,8 +56,8 @@ def obs_reference(weight, x, bits, group_size, symmetric, act_order, damp=0.01):
         Q[:, i] = torch.clamp(torch.round(W[:, i] / scale) + zero, 0, maxq)
         diff = W[:, i] - scale * (Q[:, i] - zero)
         loss += (diff**2 / Hinv[i, i]).sum().item() / 2
-        W[:, i + 1:] -= (diff / Hinv[i, i])[:, None] * Hinv[i, i + 1:][None]
-        Hinv = Hinv - Hinv[:, i:i + 1] @ Hinv[i:i + 1, :] / Hinv[i, i]
+        W[:, i + 1 :] -= (diff / Hinv[i, i])[:, None] * Hinv[i, i + 1 :][None]
+        Hinv = Hinv - Hinv[:, i : i + 1] @ Hinv[i : i + 1, :] / Hinv[i, i]
     return Q[:, torch.argsort(perm)], loss
 
 
@@ -130,9 +130,7 @@ def test_matches_float64_obs_reference(symmetric, act_order, group_size, blocksi
     torch.manual_seed(2)
     x = correlated_inputs(512, 128, seed=2)
     weight = torch.randn(32, 128)
-    w, layer = gptq(
-        x, weight, group_size=group_size, symmetric=symmetric, act_order=act_order, blocksize=blocksize
-    )
+    w, layer = gptq(x, weight, group_size=group_size, symmetric=symmetric, act_order=act_order, blocksize=blocksize)
     q_ref, loss_ref = obs_reference(weight, x, 4, group_size, symmetric, act_order)
     # fp32 and fp64 part at exact rounding ties (the symmetric grid puts -max|w|
     # on one), after which that row's later columns drift; all else agrees.

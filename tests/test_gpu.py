@@ -35,7 +35,10 @@ def test_quantize_and_dequantize_match_bitsandbytes_cuda(shape, dtype):
         nested = qs.state2.absmax[differ // 256]
         scaled = centred * (1.0 / nested.clamp(min=1e-38))
         code = qs.state2.code
-        d_ours, d_bnb = (scaled - code[ours.absmax_q[differ].long()]).abs(), (scaled - code[qs.absmax[differ].long()]).abs()
+        d_ours, d_bnb = (
+            (scaled - code[ours.absmax_q[differ].long()]).abs(),
+            (scaled - code[qs.absmax[differ].long()]).abs(),
+        )
         tie = (d_ours - d_bnb).abs() <= 1e-7 * scaled.abs().clamp(min=1)
         assert torch.all(tie | (nested == 0)), (
             f"{differ.numel()} of {ours.absmax_q.numel()} absmax codes differ; first: scaled={scaled[:4].tolist()} "

@@ -18,7 +18,7 @@ def reference_rtn(weight, bits, group_size, symmetric):
     zero = torch.zeros(n, k // g, dtype=torch.float64)
     for r in range(n):
         for j in range(k // g):
-            grp = w[r, j * g:(j + 1) * g]
+            grp = w[r, j * g : (j + 1) * g]
             if symmetric:
                 m = grp.abs().max().item()
                 s = 2 * (m if m > 0 else 1.0) / maxq

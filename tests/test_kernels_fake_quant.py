@@ -43,9 +43,20 @@ def _reference(t, a, b, scaling, cfg):
 
 def _run(t, a, b, scaling, cfg, dtype):
     return fake_quant_merged_nf4(
-        t.packed, t.absmax_q, t.nested_absmax, t.offset, nf4_code(t.device), dynamic_map(t.device),
-        a, b, scaling, cfg.bits, cfg.group_size, cfg.symmetric, dtype,
-    )  # fmt: skip
+        t.packed,
+        t.absmax_q,
+        t.nested_absmax,
+        t.offset,
+        nf4_code(t.device),
+        dynamic_map(t.device),
+        a,
+        b,
+        scaling,
+        cfg.bits,
+        cfg.group_size,
+        cfg.symmetric,
+        dtype,
+    )
 
 
 @pytest.mark.parametrize("symmetric", [True, False], ids=["sym", "asym"])
@@ -118,6 +129,7 @@ def test_qat_layer_on_the_kernel_path_follows_the_chain_rule(symmetric):
     x64, g = x.detach().double().reshape(-1, 512), grad_out.double().reshape(-1, 256)
     grad_w = keep * (g.t() @ x64)  # through the STE to the merged weight
     expected = (x64 @ w.t(), g @ w, s * b.double().t() @ grad_w, s * grad_w @ a.double().t())
-    for got, want in zip((y.reshape(-1, 256), x.grad.reshape(-1, 512), layer.lora_A.weight.grad,
-                          layer.lora_B.weight.grad), expected):  # fmt: skip
+    for got, want in zip(
+        (y.reshape(-1, 256), x.grad.reshape(-1, 512), layer.lora_A.weight.grad, layer.lora_B.weight.grad), expected
+    ):
         assert (got.double() - want).norm() <= 1e-2 * want.norm()

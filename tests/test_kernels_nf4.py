@@ -44,9 +44,18 @@ def _weight(shape, dtype, seed):
 
 def _dequant(t, dtype, out=None):
     return dequantize_nf4_dq(
-        t.packed, t.absmax_q, t.nested_absmax, t.offset, CODE4, CODE8, t.shape, dtype, t.blocksize, t.nested_blocksize,
+        t.packed,
+        t.absmax_q,
+        t.nested_absmax,
+        t.offset,
+        CODE4,
+        CODE8,
+        t.shape,
+        dtype,
+        t.blocksize,
+        t.nested_blocksize,
         out=out,
-    )  # fmt: skip
+    )
 
 
 def _first_level_absmax(w, blocksize=64):

@@ -8,13 +8,20 @@ import torch
 from transformers import GPT2Config, LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
 
 from qlora_kit.model import load as load_mod
-from qlora_kit.model.load import load_quantized, materialize, empty_model, nf4_bytes
+from qlora_kit.model.load import empty_model, load_quantized, materialize, nf4_bytes
 from qlora_kit.model.sources import ModelSourceError, iter_safetensors, resolve_source
 from qlora_kit.modules.nf4_linear import NF4Linear
 from qlora_kit.quant.nf4 import dequantize_nf4_reference, quantize_nf4
 
-TINY = dict(hidden_size=128, intermediate_size=256, num_hidden_layers=2, num_attention_heads=4,
-            num_key_value_heads=2, vocab_size=300, max_position_embeddings=64)  # fmt: skip
+TINY = dict(
+    hidden_size=128,
+    intermediate_size=256,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    vocab_size=300,
+    max_position_embeddings=64,
+)
 
 
 @pytest.fixture(scope="module")
@@ -36,7 +43,12 @@ def test_each_decoder_linear_is_nf4_of_the_checkpoint(llama_dir):
     for name, m in nf4.items():
         expected = quantize_nf4(ref_params[f"{name}.weight"].detach())
         assert torch.equal(m.weight_packed, expected.packed) and torch.equal(m.weight_absmax_q, expected.absmax_q)
-    for name in ("model.embed_tokens.weight", "lm_head.weight", "model.norm.weight", "model.layers.1.input_layernorm.weight"):
+    for name in (
+        "model.embed_tokens.weight",
+        "lm_head.weight",
+        "model.norm.weight",
+        "model.layers.1.input_layernorm.weight",
+    ):
         assert torch.equal(dict(model.named_parameters())[name], ref_params[name])
     assert not any(p.requires_grad for p in model.parameters())
 
@@ -133,5 +145,7 @@ def test_shape_mismatch(llama_dir, tmp_path):
     config = json.loads((tmp_path / "config.json").read_text())
     config["intermediate_size"] = 192
     (tmp_path / "config.json").write_text(json.dumps(config))
-    with pytest.raises(ModelSourceError, match=r"down_proj.weight' has shape \(128, 256\), the model expects \(128, 192\)"):
+    with pytest.raises(
+        ModelSourceError, match=r"down_proj.weight' has shape \(128, 256\), the model expects \(128, 192\)"
+    ):
         load_quantized(str(tmp_path), device="cpu", progress=False)

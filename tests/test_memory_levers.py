@@ -46,13 +46,26 @@ def test_levers_give_the_same_adapters(tmp_path, untied_model_dir, task_files, m
 
     monkeypatch.setattr(offload._OffloadedCheckpoint, "backward", staticmethod(counted_backward))
     monkeypatch.setattr(offload.CPUEmbedding, "forward", counted_embed)
-    common = ["training.max_steps=6", "training.max_grad_norm=0", "training.optimizer=adamw", "data.test=null",
-              "training.gradient_checkpointing=true", "training.lr_scheduler=cosine",
-              "training.warmup_ratio=0.2"]  # fmt: skip
+    common = [
+        "training.max_steps=6",
+        "training.max_grad_norm=0",
+        "training.optimizer=adamw",
+        "data.test=null",
+        "training.gradient_checkpointing=true",
+        "training.lr_scheduler=cosine",
+        "training.warmup_ratio=0.2",
+    ]
     plain = make_recipe(tmp_path / "plain", untied_model_dir, task_files, *common)
-    levers = make_recipe(tmp_path / "levers", untied_model_dir, task_files, *common, "training.optimizer_in_backward=true",
-                         "training.offload_activations=true", "training.offload_embeddings=true",
-                         "training.uncheckpointed_layers=1")  # fmt: skip
+    levers = make_recipe(
+        tmp_path / "levers",
+        untied_model_dir,
+        task_files,
+        *common,
+        "training.optimizer_in_backward=true",
+        "training.offload_activations=true",
+        "training.offload_embeddings=true",
+        "training.uncheckpointed_layers=1",
+    )
     m_plain = train(plain)
     assert calls == {"recompute": 0, "embedding": 0}
     m_levers = train(levers)
@@ -67,11 +80,21 @@ def test_levers_give_the_same_adapters(tmp_path, untied_model_dir, task_files, m
 
 def test_lever_recipe_errors(tmp_path, tiny_model_dir, task_files, make_recipe):
     with pytest.raises(RecipeError, match="gradient_accumulation_steps must be 1"):
-        make_recipe(tmp_path / "a", tiny_model_dir, task_files, "training.optimizer_in_backward=true",
-                    "training.gradient_accumulation_steps=2")  # fmt: skip
+        make_recipe(
+            tmp_path / "a",
+            tiny_model_dir,
+            task_files,
+            "training.optimizer_in_backward=true",
+            "training.gradient_accumulation_steps=2",
+        )
     with pytest.raises(RecipeError, match="gradient_checkpointing=true"):
-        make_recipe(tmp_path / "b", tiny_model_dir, task_files, "training.offload_activations=true",
-                    "training.gradient_checkpointing=false")  # fmt: skip
+        make_recipe(
+            tmp_path / "b",
+            tiny_model_dir,
+            task_files,
+            "training.offload_activations=true",
+            "training.gradient_checkpointing=false",
+        )
     with pytest.raises(RecipeError, match="optimizer_in_backward=true"):
         make_recipe(tmp_path / "d", tiny_model_dir, task_files, "training.offload_adapters=true")
     tied = make_recipe(tmp_path / "c", tiny_model_dir, task_files, "training.offload_embeddings=true")
@@ -135,12 +158,20 @@ def test_full_precision_adapters_for_saving_and_loading():
 
 
 def test_offload_adapters_train(tmp_path, untied_model_dir, task_files, make_recipe):
-    common = ["training.max_steps=6", "training.max_grad_norm=0", "training.optimizer=adamw", "data.test=null",
-              "training.optimizer_in_backward=true", "training.gradient_checkpointing=true",
-              "training.offload_activations=true", "training.offload_embeddings=true"]  # fmt: skip
+    common = [
+        "training.max_steps=6",
+        "training.max_grad_norm=0",
+        "training.optimizer=adamw",
+        "data.test=null",
+        "training.optimizer_in_backward=true",
+        "training.gradient_checkpointing=true",
+        "training.offload_activations=true",
+        "training.offload_embeddings=true",
+    ]
     plain = make_recipe(tmp_path / "plain", untied_model_dir, task_files, *common)
-    offloaded = make_recipe(tmp_path / "offloaded", untied_model_dir, task_files, *common,
-                            "training.offload_adapters=true")  # fmt: skip
+    offloaded = make_recipe(
+        tmp_path / "offloaded", untied_model_dir, task_files, *common, "training.offload_adapters=true"
+    )
     m_plain, m_offloaded = train(plain), train(offloaded)
     assert m_offloaded["after"]["val_loss"] < m_offloaded["before"]["val_loss"]
     assert abs(m_plain["after"]["val_loss"] - m_offloaded["after"]["val_loss"]) < 0.05 * m_plain["after"]["val_loss"]

@@ -43,8 +43,10 @@ from qlora_kit.quant.packing import pack_gptq_v1, unpack_awq_gemm, unpack_gptq_v
 
 ROOT = Path(__file__).resolve().parent.parent
 ESSAYS = (ROOT / "examples/heldout/essays.txt").read_text()
-CHAT_TEMPLATE = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
-                 "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")  # fmt: skip
+CHAT_TEMPLATE = (
+    "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
 
 
 def tiny_tokenizer() -> PreTrainedTokenizerFast:
@@ -52,21 +54,37 @@ def tiny_tokenizer() -> PreTrainedTokenizerFast:
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=300, special_tokens=["<|endoftext|>", "<|im_start|>", "<|im_end|>"],
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-                                  show_progress=False)  # fmt: skip
+    trainer = trainers.BpeTrainer(
+        vocab_size=300,
+        special_tokens=["<|endoftext|>", "<|im_start|>", "<|im_end|>"],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
     tok.train_from_iterator([ESSAYS], trainer)
-    return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|im_end|>", pad_token="<|endoftext|>",
-                                   bos_token="<|im_start|>", chat_template=CHAT_TEMPLATE)  # fmt: skip
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tok,
+        eos_token="<|im_end|>",
+        pad_token="<|endoftext|>",
+        bos_token="<|im_start|>",
+        chat_template=CHAT_TEMPLATE,
+    )
 
 
 def tiny_base(path: Path, tokenizer, kv_heads: int = 4, hidden: int = 128) -> Path:
     """A 2-layer random Llama; a few hidden channels get 8x larger norm weights, the activation
     outliers of real LLMs that AWQ exists to protect."""
     torch.manual_seed(0)
-    config = LlamaConfig(hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=2, num_attention_heads=4,
-                         num_key_value_heads=kv_heads, vocab_size=len(tokenizer), tie_word_embeddings=True,
-                         bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id)  # fmt: skip
+    config = LlamaConfig(
+        hidden_size=hidden,
+        intermediate_size=2 * hidden,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=kv_heads,
+        vocab_size=len(tokenizer),
+        tie_word_embeddings=True,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+    )
     model = LlamaForCausalLM(config)
     with torch.no_grad():
         for layer in model.model.layers:
@@ -84,8 +102,9 @@ def run(tmp_path_factory):
     tokenizer = tiny_tokenizer()
     base = tiny_base(root / "base", tokenizer)
     sentences = [s.strip() for s in ESSAYS.split(".") if len(s.strip()) > 40]
-    rows = [{"messages": [{"role": "user", "content": s[:40]}, {"role": "assistant", "content": s[40:]}]}
-            for s in sentences]  # fmt: skip
+    rows = [
+        {"messages": [{"role": "user", "content": s[:40]}, {"role": "assistant", "content": s[40:]}]} for s in sentences
+    ]
     (root / "train.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     (root / "test.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows[:3]))
     (root / "heldout.txt").write_text(ESSAYS[:2500])
@@ -108,8 +127,16 @@ def run(tmp_path_factory):
 
 
 def options(run, out, **kw):
-    kw = {"quantize": "none", "group_size": 32, "calibration_samples": 4, "calibration_seq_len": 64,
-          "eval_text": str(run["eval_text"]), "evaluate": False, "progress": False, **kw}  # fmt: skip
+    kw = {
+        "quantize": "none",
+        "group_size": 32,
+        "calibration_samples": 4,
+        "calibration_seq_len": 64,
+        "eval_text": str(run["eval_text"]),
+        "evaluate": False,
+        "progress": False,
+        **kw,
+    }
     return MergeOptions(str(run["adapter"]), str(out), **kw)
 
 
@@ -268,10 +295,25 @@ def test_awq_skips_v_to_o_under_grouped_query_attention(tmp_path, run):
     nf4 = load_quantized(source, device="cpu", compute_dtype="float32", progress=False)
     cpu = torch.device("cpu")
     ids = torch.randint(0, config.vocab_size, (2, 64), generator=torch.Generator().manual_seed(0))
-    plain = {k: v for part in merged_model(config, NF4Weights(nf4, cpu), None, None, None, cpu, torch.float32, False)
-             for k, v in part.items()}  # fmt: skip
-    parts = {k: v for part in merged_model(config, NF4Weights(nf4, cpu), None, QuantSpec("awq", group_size=32,
-             symmetric=False), ids, cpu, torch.float32, False) for k, v in part.items()}  # fmt: skip
+    plain = {
+        k: v
+        for part in merged_model(config, NF4Weights(nf4, cpu), None, None, None, cpu, torch.float32, False)
+        for k, v in part.items()
+    }
+    parts = {
+        k: v
+        for part in merged_model(
+            config,
+            NF4Weights(nf4, cpu),
+            None,
+            QuantSpec("awq", group_size=32, symmetric=False),
+            ids,
+            cpu,
+            torch.float32,
+            False,
+        )
+        for k, v in part.items()
+    }
     v = "model.layers.0.self_attn.v_proj.weight"
     assert parts[v].q.shape == plain[v].shape == (64, 128)
     # v was scaled only along its input columns (the q/k/v group), never along its output rows.
@@ -287,8 +329,12 @@ def test_report_rows_and_exported_files_agree(tmp_path, run):
     assert list(rows) == ["NF4 + adapter", "merged bf16", "RTN (sym)", "GPTQ (sym)", "RTN (asym)", "AWQ (asym)"]
     assert all("perplexity" in r and "val_loss" in r and "exact_match" in r for r in rows.values())
     assert report["test_examples"] == 3
-    assert report["calibration"] == {"source": str(run["root"] / "train.jsonl"), "samples": 4, "seq_len": 64,
-                                     "tokens": 256}  # fmt: skip
+    assert report["calibration"] == {
+        "source": str(run["root"] / "train.jsonl"),
+        "samples": 4,
+        "seq_len": 64,
+        "tokens": 256,
+    }
     # NF4 + adapter (LoRA applied on the fly) and the merged bf16 model differ by bf16 rounding only.
     assert rows["merged bf16"]["perplexity"] == pytest.approx(rows["NF4 + adapter"]["perplexity"], rel=1e-2)
     assert rows["merged bf16"]["val_loss"] == pytest.approx(rows["NF4 + adapter"]["val_loss"], rel=1e-2)
@@ -304,8 +350,11 @@ def test_report_rows_and_exported_files_agree(tmp_path, run):
         for name, t in files.items():
             prefix, _, key = name.rpartition(".")
             if key == "qweight":
-                packed = {k: files[f"{prefix}.{k}"] for k in ("qweight", "qzeros", "scales", "g_idx")
-                          if f"{prefix}.{k}" in files}  # fmt: skip
+                packed = {
+                    k: files[f"{prefix}.{k}"]
+                    for k in ("qweight", "qzeros", "scales", "g_idx")
+                    if f"{prefix}.{k}" in files
+                }
                 w = unpack_gptq_v1(packed, 32) if fmt == "gptq" else unpack_awq_gemm(packed, 32)
                 state[f"{prefix}.weight"] = w.dequantize()
             elif key not in ("qzeros", "scales", "g_idx"):
@@ -349,8 +398,12 @@ def test_calibration_windows_follow_the_text_and_chat_template(tmp_path, run):
     windows = calibration_windows(tok, text, 3, 100)
     assert windows.shape == (3, 100) and windows.reshape(-1).tolist() == ids[:300]
 
-    row = {"messages": [{"role": "user", "content": "What is the river town?"},
-                        {"role": "assistant", "content": "A town that lived by the river."}]}  # fmt: skip
+    row = {
+        "messages": [
+            {"role": "user", "content": "What is the river town?"},
+            {"role": "assistant", "content": "A town that lived by the river."},
+        ]
+    }
     chat = tmp_path / "c.jsonl"
     chat.write_text((json.dumps(row) + "\n") * 20)
     rendered = tok.apply_chat_template(row["messages"], tokenize=True, return_dict=False)
@@ -374,11 +427,17 @@ def test_bad_input_is_named(tmp_path, run):
         merge(MergeOptions(str(tmp_path / "nowhere"), str(tmp_path / "o"), evaluate=False))
 
     other = tiny_base(tmp_path / "other", run["tokenizer"], hidden=64)
-    with pytest.raises(AdapterError, match=r"'model.layers.0.mlp.down_proj' has lora_A \(4, 256\) and lora_B "
-                                           r"\(128, 4\), but .*other has a \[64, 128\] weight there"):
+    with pytest.raises(
+        AdapterError,
+        match=r"'model.layers.0.mlp.down_proj' has lora_A \(4, 256\) and lora_B "
+        r"\(128, 4\), but .*other has a \[64, 128\] weight there",
+    ):
         merge(options(run, tmp_path / "o", base=str(other)))
-    with pytest.raises(MergeError, match=r"--group-size 48 does not divide in_features K=128 of "
-                                         r"model.layers.0.self_attn.q_proj \[N=128, K=128\]; .*\[32, 64, 128\]"):
+    with pytest.raises(
+        MergeError,
+        match=r"--group-size 48 does not divide in_features K=128 of "
+        r"model.layers.0.self_attn.q_proj \[N=128, K=128\]; .*\[32, 64, 128\]",
+    ):
         merge(options(run, tmp_path / "o", quantize="gptq", group_size=48))
     with pytest.raises(CalibrationError, match=r"has \d+ tokens, but 10000 samples x 64 tokens need 640000"):
         merge(options(run, tmp_path / "o", quantize="awq", calibration_samples=10000))
@@ -410,8 +469,21 @@ def test_interrupted_merge_leaves_no_output(tmp_path, run, monkeypatch):
 
 def test_cli_merge_and_its_errors(tmp_path, run, capsys):
     out = tmp_path / "rtn"
-    code = main(["merge", str(run["adapter"]), "--out", str(out), "--quantize", "rtn", "--group-size", "64",
-                 "--no-sym", "--eval-text", str(run["eval_text"])])  # fmt: skip
+    code = main(
+        [
+            "merge",
+            str(run["adapter"]),
+            "--out",
+            str(out),
+            "--quantize",
+            "rtn",
+            "--group-size",
+            "64",
+            "--no-sym",
+            "--eval-text",
+            str(run["eval_text"]),
+        ]
+    )
     assert code == 0
     printed = capsys.readouterr().out
     assert "NF4 + adapter" in printed and "RTN (asym)" in printed and str(out) in printed
@@ -419,8 +491,9 @@ def test_cli_merge_and_its_errors(tmp_path, run, capsys):
     assert main(["merge", str(run["adapter"]), "--out", str(tmp_path / "bf16"), "--no-eval"]) == 0
     printed = capsys.readouterr().out
     assert "merged bf16" in printed and "perplexity" not in printed
-    code = main(["merge", str(run["adapter"]), "--out", str(tmp_path / "x"), "--quantize", "gptq",
-                 "--group-size", "48"])  # fmt: skip
+    code = main(
+        ["merge", str(run["adapter"]), "--out", str(tmp_path / "x"), "--quantize", "gptq", "--group-size", "48"]
+    )
     err = capsys.readouterr().err
     assert code == 2 and "qlora-kit: error: --group-size 48" in err and "Traceback" not in err
 
@@ -428,8 +501,16 @@ def test_cli_merge_and_its_errors(tmp_path, run, capsys):
 def test_response_loss_is_the_mean_over_labelled_tokens():
     """Against transformers' own loss (labels -100 ignored), on rows of different lengths."""
     torch.manual_seed(0)
-    model = LlamaForCausalLM(LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                                         num_attention_heads=4, num_key_value_heads=2)).eval()  # fmt: skip
+    model = LlamaForCausalLM(
+        LlamaConfig(
+            vocab_size=64,
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+        )
+    ).eval()
     rows = []
     for n, prompt in ((9, 4), (6, 2), (12, 7)):
         ids = torch.randint(0, 64, (n,)).tolist()

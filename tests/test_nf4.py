@@ -1,8 +1,8 @@
 """NF4 + double quantization against bitsandbytes (the reference implementation) on the CPU."""
 
+import bitsandbytes.functional as bnbF
 import pytest
 import torch
-import bitsandbytes.functional as bnbF
 
 from qlora_kit.quant.nf4 import (
     NF4_CODE,
@@ -92,9 +92,11 @@ def test_dequantize_against_float64():
     w = _weight((130, 64), torch.float32, seed=3)
     t = quantize_nf4(w)
     nib = torch.stack([t.packed >> 4, t.packed & 0xF], 1).view(-1).long()
-    absmax = signed_dynamic_map().double()[t.absmax_q.long()] * t.nested_absmax.double().repeat_interleave(256)[
-        : t.absmax_q.numel()
-    ] + t.offset.double()
+    absmax = (
+        signed_dynamic_map().double()[t.absmax_q.long()]
+        * t.nested_absmax.double().repeat_interleave(256)[: t.absmax_q.numel()]
+        + t.offset.double()
+    )
     ref = torch.tensor(NF4_CODE, dtype=torch.float64)[nib] * absmax.repeat_interleave(64)
     # fp32 rounding of `centred + offset` is relative to the offset, not to the (possibly small) sum.
     tol = 4 * torch.finfo(torch.float32).eps * t.offset.item()
@@ -116,8 +118,10 @@ def test_quantization_error_is_bounded():
 
 
 def test_safetensors_round_trip(tmp_path):
-    weights = {"model.layers.0.q_proj.weight": quantize_nf4(_weight((96, 64), torch.bfloat16, 1)),
-               "lm.weight": quantize_nf4(_weight((33,), torch.float16, 2))}  # fmt: skip
+    weights = {
+        "model.layers.0.q_proj.weight": quantize_nf4(_weight((96, 64), torch.bfloat16, 1)),
+        "lm.weight": quantize_nf4(_weight((33,), torch.float16, 2)),
+    }
     path = tmp_path / "w.safetensors"
     save_nf4(weights, str(path))
     loaded = load_nf4(str(path))

@@ -47,7 +47,11 @@ def test_weight_is_frozen_and_only_packed_weight_is_kept():
     layer, _ = _layer(out_f=256, in_f=256)
     assert not any(p.requires_grad for p in layer.parameters())
     assert {n for n, _ in layer.named_buffers()} == {
-        "weight_packed", "weight_absmax_q", "weight_nested_absmax", "weight_offset"}  # fmt: skip
+        "weight_packed",
+        "weight_absmax_q",
+        "weight_nested_absmax",
+        "weight_offset",
+    }
     assert all(buf.dtype in (torch.uint8, torch.float32) and buf.numel() <= 256 * 256 // 2 for buf in layer.buffers())
 
     saved = []

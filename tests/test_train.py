@@ -28,8 +28,14 @@ def test_end_to_end_training_lowers_the_loss(tmp_path, tiny_model_dir, task_file
     # The tiny random model's logits are nearly flat (loss ~ ln(vocab)); 30 steps take ~1 nat off.
     assert metrics["after"]["val_loss"] < metrics["before"]["val_loss"] - 0.5
     assert metrics["after"]["test_exact_match"] > metrics["before"]["test_exact_match"]
-    for name in ("adapter_config.json", ADAPTER_WEIGHTS, "recipe.yaml", "metrics.json", "loss_curve.png",
-                 "tokenizer.json"):  # fmt: skip
+    for name in (
+        "adapter_config.json",
+        ADAPTER_WEIGHTS,
+        "recipe.yaml",
+        "metrics.json",
+        "loss_curve.png",
+        "tokenizer.json",
+    ):
         assert (out / name).is_file(), name
     assert list(out.glob("runs/*/events.out.tfevents.*")), "TensorBoard logs"
     assert load_recipe(out / "recipe.yaml") == recipe
@@ -43,14 +49,22 @@ def test_resume_continues_exactly(tmp_path, tiny_model_dir, task_files, make_rec
     straight = make_recipe(tmp_path / "a", tiny_model_dir, task_files, "training.max_steps=8", "training.save_steps=4")
     train(straight)
 
-    interrupted = make_recipe(tmp_path / "b", tiny_model_dir, task_files, "training.max_steps=4", "training.save_steps=4")
+    interrupted = make_recipe(
+        tmp_path / "b", tiny_model_dir, task_files, "training.max_steps=4", "training.save_steps=4"
+    )
     train(interrupted)
     out = Path(interrupted.output.dir)
     (out / "checkpoint-6").mkdir()  # a run killed while saving: no trainer_state.json
     (out / "checkpoint-6" / ADAPTER_WEIGHTS).write_bytes(b"partial")
     assert last_complete_checkpoint(out).name == "checkpoint-4"
-    resumed = make_recipe(tmp_path / "b", tiny_model_dir, task_files, "training.max_steps=8", "training.save_steps=4",
-                      "training.resume=true")  # fmt: skip
+    resumed = make_recipe(
+        tmp_path / "b",
+        tiny_model_dir,
+        task_files,
+        "training.max_steps=8",
+        "training.save_steps=4",
+        "training.resume=true",
+    )
     metrics = train(resumed)
     assert metrics["train_steps"] == 8
     a = load_file(str(Path(straight.output.dir) / ADAPTER_WEIGHTS))
@@ -93,8 +107,9 @@ def test_unknown_lora_target_is_named(tiny_model_dir):
 
 
 def _run_cli(*args, cwd):
-    return subprocess.run([sys.executable, str(ROOT / "train.py"), *args], cwd=cwd, capture_output=True, text=True,
-                          timeout=300)  # fmt: skip
+    return subprocess.run(
+        [sys.executable, str(ROOT / "train.py"), *args], cwd=cwd, capture_output=True, text=True, timeout=300
+    )
 
 
 def test_cli_bad_recipe_key_exits_cleanly(tmp_path):
@@ -108,10 +123,19 @@ def test_cli_bad_recipe_key_exits_cleanly(tmp_path):
 
 def test_cli_bad_data_row_names_file_and_row(tmp_path, tiny_model_dir):
     data = tmp_path / "train.jsonl"
-    data.write_text('{"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"}]}\n'
-                    '{"messages": [{"role": "user", "content": "no answer"}]}\n')  # fmt: skip
-    result = _run_cli("recipes/quickstart.yaml", f"model.name_or_path={tiny_model_dir}", f"data.train={data}",
-                      "data.validation=null", "data.test=null", f"output.dir={tmp_path / 'out'}", cwd=ROOT)  # fmt: skip
+    data.write_text(
+        '{"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"}]}\n'
+        '{"messages": [{"role": "user", "content": "no answer"}]}\n'
+    )
+    result = _run_cli(
+        "recipes/quickstart.yaml",
+        f"model.name_or_path={tiny_model_dir}",
+        f"data.train={data}",
+        "data.validation=null",
+        "data.test=null",
+        f"output.dir={tmp_path / 'out'}",
+        cwd=ROOT,
+    )
     assert result.returncode == 2, result.stderr[-2000:]
     assert "row 2" in result.stderr and str(data) in result.stderr
     assert "Traceback" not in result.stderr
@@ -120,8 +144,16 @@ def test_cli_bad_data_row_names_file_and_row(tmp_path, tiny_model_dir):
 def test_qat_run_switches_on_at_start_step(tmp_path, tiny_model_dir, task_files, make_recipe):
     from qlora_kit.modules.lora import LoRALinear
 
-    recipe = make_recipe(tmp_path, tiny_model_dir, task_files, "qat.enabled=true", "qat.group_size=32",
-                         "qat.start_step=5", "training.max_steps=10", "data.test=null")  # fmt: skip
+    recipe = make_recipe(
+        tmp_path,
+        tiny_model_dir,
+        task_files,
+        "qat.enabled=true",
+        "qat.group_size=32",
+        "qat.start_step=5",
+        "training.max_steps=10",
+        "data.test=null",
+    )
     modes = []  # per forward of the first LoRA layer called: was fake-quant on?
     original = LoRALinear.forward
 

@@ -11,8 +11,8 @@ from __future__ import annotations
 import json
 import os
 import tempfile
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
 
 import torch
 from torch import nn
@@ -35,9 +35,11 @@ def _decoder_linears(model: nn.Module) -> dict[str, nn.Module]:
     return {
         name: m
         for name, m in model.named_modules()
-        if isinstance(m, (NF4Linear, nn.Linear)) and ".layers." in f".{name}" and not isinstance(m, LoRALinear)
+        if isinstance(m, (NF4Linear, nn.Linear))
+        and ".layers." in f".{name}"
+        and not isinstance(m, LoRALinear)
         and not name.endswith((".lora_A", ".lora_B"))
-    }  # fmt: skip
+    }
 
 
 def add_lora(
@@ -88,9 +90,15 @@ def peft_config(model: nn.Module, r: int, alpha: float, dropout: float, use_rslo
 
     targets = sorted({name.rpartition(".")[2] for name in lora_modules(model)})
     return LoraConfig(
-        r=r, lora_alpha=alpha, lora_dropout=dropout, use_rslora=use_rslora, target_modules=targets,
-        bias="none", task_type="CAUSAL_LM", base_model_name_or_path=base_model,
-    )  # fmt: skip
+        r=r,
+        lora_alpha=alpha,
+        lora_dropout=dropout,
+        use_rslora=use_rslora,
+        target_modules=targets,
+        bias="none",
+        task_type="CAUSAL_LM",
+        base_model_name_or_path=base_model,
+    )
 
 
 def save_adapter(model: nn.Module, directory: str | Path, config, write: bool = True) -> None:
@@ -160,13 +168,18 @@ def load_adapter_weights(model: nn.Module, directory: str | Path) -> None:
     path = Path(directory) / ADAPTER_WEIGHTS
     sd = read_adapter_weights(directory)
     modules = lora_modules(model)
-    expected = {f"{_PEFT_PREFIX}{name}.lora_{ab}.weight": getattr(m, f"lora_{ab}").weight
-                for name, m in modules.items() for ab in "AB"}  # fmt: skip
+    expected = {
+        f"{_PEFT_PREFIX}{name}.lora_{ab}.weight": getattr(m, f"lora_{ab}").weight
+        for name, m in modules.items()
+        for ab in "AB"
+    }
     missing, unexpected = sorted(set(expected) - set(sd)), sorted(set(sd) - set(expected))
     if missing or unexpected:
         raise AdapterError(f"{path} does not fit the model: missing {missing[:3]}, unexpected {unexpected[:3]}")
     with torch.no_grad():
         for key, param in expected.items():
             if sd[key].shape != param.shape:
-                raise AdapterError(f"{path}: '{key}' has shape {tuple(sd[key].shape)}, the model has {tuple(param.shape)}")
+                raise AdapterError(
+                    f"{path}: '{key}' has shape {tuple(sd[key].shape)}, the model has {tuple(param.shape)}"
+                )
             param.copy_(shard_like(sd[key], param))

@@ -17,15 +17,41 @@ from qlora_kit.modules.nf4_linear import NF4Linear
 
 # Shapes used by the benchmarks (transformers config fields).
 SHAPES = {
-    "llama-3-8b": dict(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
-                       num_key_value_heads=8, vocab_size=128256, rope_theta=500000.0),
-    "llama-65b": dict(hidden_size=8192, intermediate_size=22016, num_hidden_layers=80, num_attention_heads=64,
-                      num_key_value_heads=64, vocab_size=32000),
-    "llama-2-70b": dict(hidden_size=8192, intermediate_size=28672, num_hidden_layers=80, num_attention_heads=64,
-                        num_key_value_heads=8, vocab_size=32000),
-    "llama-3.2-1b": dict(hidden_size=2048, intermediate_size=8192, num_hidden_layers=16, num_attention_heads=32,
-                         num_key_value_heads=8, vocab_size=128256, tie_word_embeddings=True),
-}  # fmt: skip
+    "llama-3-8b": dict(
+        hidden_size=4096,
+        intermediate_size=14336,
+        num_hidden_layers=32,
+        num_attention_heads=32,
+        num_key_value_heads=8,
+        vocab_size=128256,
+        rope_theta=500000.0,
+    ),
+    "llama-65b": dict(
+        hidden_size=8192,
+        intermediate_size=22016,
+        num_hidden_layers=80,
+        num_attention_heads=64,
+        num_key_value_heads=64,
+        vocab_size=32000,
+    ),
+    "llama-2-70b": dict(
+        hidden_size=8192,
+        intermediate_size=28672,
+        num_hidden_layers=80,
+        num_attention_heads=64,
+        num_key_value_heads=8,
+        vocab_size=32000,
+    ),
+    "llama-3.2-1b": dict(
+        hidden_size=2048,
+        intermediate_size=8192,
+        num_hidden_layers=16,
+        num_attention_heads=32,
+        num_key_value_heads=8,
+        vocab_size=128256,
+        tie_word_embeddings=True,
+    ),
+}
 
 
 def llama_config(shape: str, **overrides):
@@ -45,8 +71,13 @@ def random_tensors(model: nn.Module, device: torch.device, seed: int = 0) -> Ite
     """
     generator = torch.Generator(device).manual_seed(seed)
     shapes = {n: p.shape for n, p in model.named_parameters()}
-    shapes.update({f"{n}.weight": torch.Size((m.out_features, m.in_features))
-                   for n, m in model.named_modules() if isinstance(m, NF4Linear)})  # fmt: skip
+    shapes.update(
+        {
+            f"{n}.weight": torch.Size((m.out_features, m.in_features))
+            for n, m in model.named_modules()
+            if isinstance(m, NF4Linear)
+        }
+    )
     for name, shape in shapes.items():
         if name.endswith("norm.weight"):
             yield name, torch.ones(shape, device=device, dtype=torch.bfloat16)

@@ -52,10 +52,14 @@ def fsdp_plugin_from_launch():
 
     plugin = FullyShardedDataParallelPlugin()
     if plugin.fsdp_version != 2:
-        raise FSDPConfigError(f"accelerate config: qlora-kit shards with FSDP2, set fsdp_version: 2 (got {plugin.fsdp_version})")
+        raise FSDPConfigError(
+            f"accelerate config: qlora-kit shards with FSDP2, set fsdp_version: 2 (got {plugin.fsdp_version})"
+        )
     if plugin.activation_checkpointing:
-        raise FSDPConfigError("accelerate config: set fsdp_activation_checkpointing: false; the recipe's "
-                              "training.gradient_checkpointing checkpoints the decoder layers")  # fmt: skip
+        raise FSDPConfigError(
+            "accelerate config: set fsdp_activation_checkpointing: false; the recipe's "
+            "training.gradient_checkpointing checkpoints the decoder layers"
+        )
     if isinstance(plugin.cpu_offload, CPUOffloadPolicy):
         raise FSDPConfigError("accelerate config: fsdp_offload_params: true is not supported, set it to false")
     return plugin
@@ -117,16 +121,20 @@ def full_optimizer_state(optimizer: torch.optim.Optimizer) -> dict:
     A collective: every process must call it.
     """
     state_dict = optimizer.state_dict()
-    state = {i: {k: full_tensor(v).cpu() if isinstance(v, torch.Tensor) else v for k, v in s.items()}
-             for i, s in state_dict["state"].items()}  # fmt: skip
+    state = {
+        i: {k: full_tensor(v).cpu() if isinstance(v, torch.Tensor) else v for k, v in s.items()}
+        for i, s in state_dict["state"].items()
+    }
     return {**state_dict, "state": state}
 
 
 def shard_optimizer_state(state_dict: dict, optimizer: torch.optim.Optimizer) -> dict:
     """The inverse of :func:`full_optimizer_state` for ``optimizer`` over sharded parameters: each process keeps its slice."""
     params = [p for group in optimizer.param_groups for p in group["params"]]
-    state = {i: {k: shard_like(v, params[i]) if isinstance(v, torch.Tensor) else v for k, v in s.items()}
-             for i, s in state_dict["state"].items()}  # fmt: skip
+    state = {
+        i: {k: shard_like(v, params[i]) if isinstance(v, torch.Tensor) else v for k, v in s.items()}
+        for i, s in state_dict["state"].items()
+    }
     return {**state_dict, "state": state}
 
 

@@ -91,7 +91,7 @@ def _install_rotary_dispatcher(modeling: types.ModuleType) -> None:
 
 
 def _role(module: nn.Module) -> str | None:
-    """"RMSNorm", "MLP" or "Attention" for those classes of a supported family's modeling module, else None."""
+    """ "RMSNorm", "MLP" or "Attention" for those classes of a supported family's modeling module, else None."""
     cls = type(module)
     prefix = _MODELING_PREFIXES.get(cls.__module__)
     if prefix is None or not cls.__name__.startswith(prefix):
@@ -123,8 +123,11 @@ def use_fused_ops(model: nn.Module, kernel: str = "auto") -> nn.Module:
         if role is None:
             continue
         if role == "MLP" and module.config.hidden_act not in _SILU:
-            log.warning("use_fused_ops: %s has hidden_act=%s, not SwiGLU: left as it is", type(module).__name__,
-                        module.config.hidden_act)  # fmt: skip
+            log.warning(
+                "use_fused_ops: %s has hidden_act=%s, not SwiGLU: left as it is",
+                type(module).__name__,
+                module.config.hidden_act,
+            )
             continue
         if role == "Attention":
             _install_rotary_dispatcher(sys.modules[type(module).__module__])
@@ -136,6 +139,11 @@ def use_fused_ops(model: nn.Module, kernel: str = "auto") -> nn.Module:
             f"use_fused_ops: {type(model).__name__} holds no RMSNorm, MLP or attention module of a supported "
             f"family ({', '.join(FAMILIES)})"
         )
-    log.info("fused ops (%s kernel): %d RMSNorm, %d MLP, %d attention modules", kernel,
-             switched["RMSNorm"], switched["MLP"], switched["Attention"])  # fmt: skip
+    log.info(
+        "fused ops (%s kernel): %d RMSNorm, %d MLP, %d attention modules",
+        kernel,
+        switched["RMSNorm"],
+        switched["MLP"],
+        switched["Attention"],
+    )
     return model

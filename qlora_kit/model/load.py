@@ -192,7 +192,9 @@ def load_full_precision(
     missing, unexpected = model.load_state_dict(state, strict=False)
     missing = [n for n in missing if not (n == "lm_head.weight" and config.tie_word_embeddings)]
     if missing or unexpected:
-        raise ModelSourceError(f"checkpoint does not match the model: missing {missing[:5]}, unexpected {unexpected[:5]}")
+        raise ModelSourceError(
+            f"checkpoint does not match the model: missing {missing[:5]}, unexpected {unexpected[:5]}"
+        )
     model.tie_weights()
     return model.to(device).eval()
 

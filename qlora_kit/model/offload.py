@@ -79,7 +79,11 @@ class CPUEmbedding(nn.Module):
     def __init__(self, embedding: nn.Embedding, device: torch.device) -> None:
         super().__init__()
         # A plain attribute, not a parameter: .to(device) on the model must not move it back.
-        self.weight_cpu = embedding.weight.detach().to("cpu").pin_memory() if device.type == "cuda" else embedding.weight.detach().cpu()
+        self.weight_cpu = (
+            embedding.weight.detach().to("cpu").pin_memory()
+            if device.type == "cuda"
+            else embedding.weight.detach().cpu()
+        )
         self.padding_idx, self.device = embedding.padding_idx, device
         self.num_embeddings, self.embedding_dim = self.weight_cpu.shape
 

@@ -43,8 +43,9 @@ def plain_causal_lm_loss(
     """The same loss through the model's full ``[batch, seq, vocab]`` logits (the reference for the chunked one)."""
     logits = lm(input_ids=input_ids, use_cache=False, **model_inputs).logits[:, :-1].float()
     targets = labels[:, 1:]
-    total = nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1),
-                                        ignore_index=IGNORE_INDEX, reduction="sum")  # fmt: skip
+    total = nn.functional.cross_entropy(
+        logits.reshape(-1, logits.shape[-1]), targets.reshape(-1), ignore_index=IGNORE_INDEX, reduction="sum"
+    )
     count = num_items_in_batch if num_items_in_batch is not None else (targets != IGNORE_INDEX).sum().clamp(min=1)
     return total / count
 
@@ -77,7 +78,11 @@ class SFTModel(nn.Module):
 
     def forward(self, input_ids, labels, attention_mask=None, position_ids=None, use_cache=None, **kwargs) -> dict:
         loss = self.loss(
-            self.lm, input_ids, labels, kwargs.get("num_items_in_batch"),
-            attention_mask=attention_mask, position_ids=position_ids,
-        )  # fmt: skip
+            self.lm,
+            input_ids,
+            labels,
+            kwargs.get("num_items_in_batch"),
+            attention_mask=attention_mask,
+            position_ids=position_ids,
+        )
         return {"loss": loss}

@@ -14,8 +14,8 @@ from contextlib import contextmanager
 import torch
 from torch import nn
 
-from qlora_kit.modules.fake_quant import FakeQuantConfig, quantize_dequantize_activation, quantize_dequantize_weight
 from qlora_kit.kernels import fake_quant as fq_kernel
+from qlora_kit.modules.fake_quant import FakeQuantConfig, quantize_dequantize_activation, quantize_dequantize_weight
 from qlora_kit.modules.nf4_linear import NF4Linear
 from qlora_kit.quant.intq import group_count
 from qlora_kit.quant.nf4 import dynamic_map, nf4_code
@@ -85,8 +85,9 @@ class LoRALinear(nn.Module):
             w = self.base.weight.detach().float()
         return w + self.scaling * (lora_b.float() @ lora_a.float())
 
-    def _fake_quant_weight(self, lora_a: torch.Tensor, lora_b: torch.Tensor,
-                           dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor | None]:  # fmt: skip
+    def _fake_quant_weight(
+        self, lora_a: torch.Tensor, lora_b: torch.Tensor, dtype: torch.dtype
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """fq(W + scale * B @ A) in ``dtype``, and the STE pass mask (None: nothing clipped).
 
         On CUDA, an NF4 base and a power-of-two group run the one-pass Triton kernel;
@@ -94,14 +95,31 @@ class LoRALinear(nn.Module):
         the torch path of :mod:`qlora_kit.modules.fake_quant`.
         """
         cfg = self.qat
-        if (cfg.format == "int" and isinstance(self.base, NF4Linear) and self.base.kernel != "torch"
-                and lora_a.is_cuda and fq_kernel.supports(self.in_features, cfg.group_size)):  # fmt: skip
+        if (
+            cfg.format == "int"
+            and isinstance(self.base, NF4Linear)
+            and self.base.kernel != "torch"
+            and lora_a.is_cuda
+            and fq_kernel.supports(self.in_features, cfg.group_size)
+        ):
             t = self.base.nf4_weight
             w_q, clipped = fq_kernel.fake_quant_merged_nf4(
-                t.packed, t.absmax_q, t.nested_absmax, t.offset, nf4_code(t.device), dynamic_map(t.device),
-                lora_a, lora_b, self.scaling, cfg.bits, cfg.group_size, cfg.symmetric, dtype,
-                t.blocksize, t.nested_blocksize,
-            )  # fmt: skip
+                t.packed,
+                t.absmax_q,
+                t.nested_absmax,
+                t.offset,
+                nf4_code(t.device),
+                dynamic_map(t.device),
+                lora_a,
+                lora_b,
+                self.scaling,
+                cfg.bits,
+                cfg.group_size,
+                cfg.symmetric,
+                dtype,
+                t.blocksize,
+                t.nested_blocksize,
+            )
             # The count is read (a device sync) only for the asymmetric grid, the one that can clip.
             if clipped is None or clipped.item() == 0:
                 return w_q, None
@@ -134,8 +152,9 @@ class _LoRANF4MatMul(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, x: torch.Tensor, lora_a: torch.Tensor, lora_b: torch.Tensor, base: NF4Linear,
-                scaling: float) -> torch.Tensor:  # fmt: skip
+    def forward(
+        ctx, x: torch.Tensor, lora_a: torch.Tensor, lora_b: torch.Tensor, base: NF4Linear, scaling: float
+    ) -> torch.Tensor:
         x2 = x.reshape(-1, x.shape[-1])
         a, b = lora_a.to(x.dtype), lora_b.to(x.dtype)
         t = x2 @ a.t()
@@ -181,8 +200,9 @@ class _QATLinear(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, x: torch.Tensor, lora_a: torch.Tensor, lora_b: torch.Tensor,
-                layer: LoRALinear, cfg: FakeQuantConfig) -> torch.Tensor:  # fmt: skip
+    def forward(
+        ctx, x: torch.Tensor, lora_a: torch.Tensor, lora_b: torch.Tensor, layer: LoRALinear, cfg: FakeQuantConfig
+    ) -> torch.Tensor:
         ctx.layer, ctx.cfg = layer, cfg
         with torch.autocast(x.device.type, enabled=False):
             w_q, _ = layer._fake_quant_weight(lora_a, lora_b, x.dtype)

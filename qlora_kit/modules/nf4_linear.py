@@ -74,7 +74,9 @@ class NF4Linear(nn.Module):
     def set_weight(self, weight: NF4Tensor) -> None:
         """Store ``weight`` (this layer's shape) in place of the current one, in the current storage."""
         if tuple(weight.shape) != (self.out_features, self.in_features):
-            raise ValueError(f"expected a weight of shape {(self.out_features, self.in_features)}, got {tuple(weight.shape)}")
+            raise ValueError(
+                f"expected a weight of shape {(self.out_features, self.in_features)}, got {tuple(weight.shape)}"
+            )
         self.weight_dtype = weight.dtype
         tensors = (weight.packed, weight.absmax_q, weight.nested_absmax, weight.offset)
         for name, tensor in zip(NF4_STORAGE, tensors):
@@ -113,7 +115,7 @@ class NF4Linear(nn.Module):
                 f"the NF4 storage of this layer was cast from {self.quant_storage} to {cast.pop()}: a cast converts "
                 "the values and destroys the packed bytes; do not apply model.to(dtype) or an FSDP mixed-precision "
                 "param_dtype to NF4Linear parameters (or set quant_storage to that dtype)"
-            )  # fmt: skip
+            )
         n = self.out_features * self.in_features
         n_blocks = -(-n // BLOCKSIZE)
         nbytes = ((n + 1) // 2, n_blocks, 4 * -(-n_blocks // NESTED_BLOCKSIZE), 4)
@@ -130,8 +132,10 @@ class NF4Linear(nn.Module):
 
     def extra_repr(self) -> str:
         storage = "" if self.quant_storage is None else f", quant_storage={self.quant_storage}"
-        return (f"in_features={self.in_features}, out_features={self.out_features}, nf4, "
-                f"compute_dtype={self.compute_dtype}{storage}")  # fmt: skip
+        return (
+            f"in_features={self.in_features}, out_features={self.out_features}, nf4, "
+            f"compute_dtype={self.compute_dtype}{storage}"
+        )
 
 
 def _as_storage(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:

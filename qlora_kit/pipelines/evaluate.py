@@ -74,7 +74,11 @@ def logit_agreement(model_a: nn.Module, model_b: nn.Module, token_ids: torch.Ten
 
 @torch.no_grad()
 def generate_answers(
-    model: nn.Module, tokenizer, prompts: list[list[dict]], max_new_tokens: int = 64, batch_size: int = 32,
+    model: nn.Module,
+    tokenizer,
+    prompts: list[list[dict]],
+    max_new_tokens: int = 64,
+    batch_size: int = 32,
     progress: bool = False,
 ) -> list[str]:
     """Greedy completions of chat prompts (the template's generation prompt appended)."""
@@ -85,11 +89,18 @@ def generate_answers(
     answers: list[str] = []
     try:
         for start in tqdm(range(0, len(prompts), batch_size), desc="generating", disable=not progress):
-            texts = [tokenizer.apply_chat_template(p, add_generation_prompt=True, tokenize=False)
-                     for p in prompts[start : start + batch_size]]  # fmt: skip
+            texts = [
+                tokenizer.apply_chat_template(p, add_generation_prompt=True, tokenize=False)
+                for p in prompts[start : start + batch_size]
+            ]
             batch = tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=False).to(device)
-            out = model.generate(**batch, max_new_tokens=max_new_tokens, do_sample=False, use_cache=True,
-                                 pad_token_id=tokenizer.pad_token_id)  # fmt: skip
+            out = model.generate(
+                **batch,
+                max_new_tokens=max_new_tokens,
+                do_sample=False,
+                use_cache=True,
+                pad_token_id=tokenizer.pad_token_id,
+            )
             answers += tokenizer.batch_decode(out[:, batch["input_ids"].shape[1] :], skip_special_tokens=True)
     finally:
         tokenizer.padding_side = side
@@ -97,8 +108,9 @@ def generate_answers(
     return answers
 
 
-def exact_match_accuracy(model: nn.Module, tokenizer, examples: list[dict], max_new_tokens: int = 64,
-                         progress: bool = False) -> tuple[float, list[str]]:  # fmt: skip
+def exact_match_accuracy(
+    model: nn.Module, tokenizer, examples: list[dict], max_new_tokens: int = 64, progress: bool = False
+) -> tuple[float, list[str]]:
     """Fraction of test examples whose greedy answer equals the reference (see ``data.exact_match``)."""
     from qlora_kit.data import exact_match
 

@@ -45,17 +45,28 @@ def gptq_quantization_config(
 ) -> dict[str, Any]:
     """``quantization_config`` of a GPTQ v1 checkpoint (config.json and quantize_config.json)."""
     return {
-        "quant_method": "gptq", "bits": bits, "group_size": group_size, "desc_act": desc_act, "sym": sym,
-        "damp_percent": damp_percent, "true_sequential": True, "checkpoint_format": "gptq", "static_groups": False,
-    }  # fmt: skip
+        "quant_method": "gptq",
+        "bits": bits,
+        "group_size": group_size,
+        "desc_act": desc_act,
+        "sym": sym,
+        "damp_percent": damp_percent,
+        "true_sequential": True,
+        "checkpoint_format": "gptq",
+        "static_groups": False,
+    }
 
 
 def awq_quantization_config(bits: int, group_size: int) -> dict[str, Any]:
     """``quantization_config`` of an AWQ gemm checkpoint."""
     return {
-        "quant_method": "awq", "bits": bits, "group_size": group_size, "zero_point": True, "version": "gemm",
+        "quant_method": "awq",
+        "bits": bits,
+        "group_size": group_size,
+        "zero_point": True,
+        "version": "gemm",
         "modules_to_not_convert": None,
-    }  # fmt: skip
+    }
 
 
 def marlin_problems(shapes: Mapping[str, tuple[int, int]], group_size: int, symmetric: bool) -> list[str]:
@@ -70,12 +81,16 @@ def marlin_problems(shapes: Mapping[str, tuple[int, int]], group_size: int, symm
         if key in seen or marlin_compatible(k, n, group_size, symmetric):
             continue
         seen.add(key)
-        reasons = [text for failed, text in (
-            (not symmetric, "symmetric quantization (--sym)"),
-            (group_size not in (-1, 32, 64, 128), "group size -1, 32, 64 or 128"),
-            (k % 128 != 0, f"in_features divisible by 128 (K={k})"),
-            (n % 64 != 0, f"out_features divisible by 64 (N={n})"),
-        ) if failed]  # fmt: skip
+        reasons = [
+            text
+            for failed, text in (
+                (not symmetric, "symmetric quantization (--sym)"),
+                (group_size not in (-1, 32, 64, 128), "group size -1, 32, 64 or 128"),
+                (k % 128 != 0, f"in_features divisible by 128 (K={k})"),
+                (n % 64 != 0, f"out_features divisible by 64 (N={n})"),
+            )
+            if failed
+        ]
         problems.append(
             f"{path} [N={n}, K={k}] (and every layer's {key[0]} of this shape): vLLM's Marlin kernel needs "
             f"{', '.join(reasons)}; vLLM serves it with a slower kernel"
@@ -212,8 +227,9 @@ class CheckpointWriter:
         for old, new in final.items():
             os.rename(self.partial / old, self.partial / new)
         weight_map = {name: final[f] for name, f in sorted(self._weight_map.items())}
-        self.write_json("model.safetensors.index.json",
-                        {"metadata": {"total_size": self._total_bytes}, "weight_map": weight_map})  # fmt: skip
+        self.write_json(
+            "model.safetensors.index.json", {"metadata": {"total_size": self._total_bytes}, "weight_map": weight_map}
+        )
 
     def _publish(self) -> None:
         if self.out.exists():  # empty, or --overwrite: checked when the writer was made
@@ -223,8 +239,13 @@ class CheckpointWriter:
             shutil.rmtree(old)
         else:
             os.rename(self.partial, self.out)
-        log.info("wrote %s (%s checkpoint, %d shard%s)", self.out, self.fmt, len(self._files),
-                 "" if len(self._files) == 1 else "s")  # fmt: skip
+        log.info(
+            "wrote %s (%s checkpoint, %d shard%s)",
+            self.out,
+            self.fmt,
+            len(self._files),
+            "" if len(self._files) == 1 else "s",
+        )
 
     def abort(self) -> None:
         """Delete the partial directory."""

@@ -202,9 +202,13 @@ def read_adapter(directory: str | Path) -> Adapter:
     if not directory.is_dir():
         raise AdapterError(f"adapter directory {directory} does not exist")
     config = read_adapter_config(directory)
-    unsupported = {"use_dora": config.get("use_dora"), "fan_in_fan_out": config.get("fan_in_fan_out"),
-                   "rank_pattern": config.get("rank_pattern"), "alpha_pattern": config.get("alpha_pattern"),
-                   "modules_to_save": config.get("modules_to_save")}  # fmt: skip
+    unsupported = {
+        "use_dora": config.get("use_dora"),
+        "fan_in_fan_out": config.get("fan_in_fan_out"),
+        "rank_pattern": config.get("rank_pattern"),
+        "alpha_pattern": config.get("alpha_pattern"),
+        "modules_to_save": config.get("modules_to_save"),
+    }
     used = [key for key, value in unsupported.items() if value]
     if used:
         raise AdapterError(f"{directory}/adapter_config.json sets {used}, which merging does not support")
@@ -439,27 +443,37 @@ def as_stored(w: IntQuantWeight, spec: QuantSpec, name: str) -> IntQuantWeight:
         return w
     raise_code = bad[:, w.g_idx.long()]
     clamped = int((raise_code & (w.q == 2**w.bits - 1)).sum())
-    log.warning("%s: %d groups have zero point 0, which GPTQ v1 cannot store; stored with zero 1 "
-                "(%d codes clamped one step)", name, int(bad.sum()), clamped)  # fmt: skip
+    log.warning(
+        "%s: %d groups have zero point 0, which GPTQ v1 cannot store; stored with zero 1 (%d codes clamped one step)",
+        name,
+        int(bad.sum()),
+        clamped,
+    )
     q = torch.where(raise_code, (w.q + 1).clamp(max=2**w.bits - 1), w.q)
     return replace(w, q=q, zero=torch.where(bad, torch.ones_like(w.zero), w.zero))
 
 
 def _split_rows(w: IntQuantWeight, sizes: list[int]) -> list[IntQuantWeight]:
     """Undo the row-stacking of several linears quantized together."""
-    return [replace(w, q=q, scale=s, zero=z, g_idx=w.g_idx.clone())
-            for q, s, z in zip(w.q.split(sizes), w.scale.split(sizes), w.zero.split(sizes))]  # fmt: skip
+    return [
+        replace(w, q=q, scale=s, zero=z, g_idx=w.g_idx.clone())
+        for q, s, z in zip(w.q.split(sizes), w.scale.split(sizes), w.zero.split(sizes))
+    ]
 
 
 def rtn_layer(weights: dict[str, Tensor], spec: QuantSpec, prefix: str) -> dict[str, IntQuantWeight]:
     """Round-to-nearest on every linear of the layer."""
-    return {f"{n}.weight": as_stored(rtn_quantize(weights[f"{n}.weight"], spec.bits, spec.group_size, spec.symmetric),
-                                     spec, f"{prefix}{n}")
-            for n in LAYER_LINEARS}  # fmt: skip
+    return {
+        f"{n}.weight": as_stored(
+            rtn_quantize(weights[f"{n}.weight"], spec.bits, spec.group_size, spec.symmetric), spec, f"{prefix}{n}"
+        )
+        for n in LAYER_LINEARS
+    }
 
 
-def gptq_layer(layer: nn.Module, weights: dict[str, Tensor], acts: Activations, spec: QuantSpec,
-               prefix: str) -> dict[str, IntQuantWeight]:  # fmt: skip
+def gptq_layer(
+    layer: nn.Module, weights: dict[str, Tensor], acts: Activations, spec: QuantSpec, prefix: str
+) -> dict[str, IntQuantWeight]:
     """True-sequential GPTQ of one decoder layer (the layer module is left holding the quantized weights).
 
     Each group's Hessian comes from inputs that already pass through the quantized earlier
@@ -499,8 +513,9 @@ def _weights_in(layer: nn.Module, names: Sequence[str], weights: Sequence[Tensor
             m.weight.data = w
 
 
-def awq_layer(layer: nn.Module, weights: dict[str, Tensor], acts: Activations, spec: QuantSpec,
-              prefix: str) -> dict[str, Tensor | IntQuantWeight]:  # fmt: skip
+def awq_layer(
+    layer: nn.Module, weights: dict[str, Tensor], acts: Activations, spec: QuantSpec, prefix: str
+) -> dict[str, Tensor | IntQuantWeight]:
     """AWQ of one decoder layer: scale search per group, fold, clipping search, quantize.
 
     Returns the layer's tensors with the folded norms (and previous linears) and the
@@ -525,12 +540,13 @@ def awq_layer(layer: nn.Module, weights: dict[str, Tensor], acts: Activations, s
             return torch.cat([_rows(o) for o in outs])
 
         scales[g] = search_scale(inputs[g], consumers, block_forward, spec.bits, spec.group_size)
-    del calls
+    calls.clear()  # the recorded inputs are no longer needed
     # Fold after all searches: each searched against the original weights, as AutoAWQ does.
     for g, s in scales.items():
         if isinstance(layer.get_submodule(g.prev), nn.Linear):
-            weights[f"{g.prev}.weight"], bias = fold_scale_into_linear(weights[f"{g.prev}.weight"],
-                                                                       weights.get(f"{g.prev}.bias"), s)  # fmt: skip
+            weights[f"{g.prev}.weight"], bias = fold_scale_into_linear(
+                weights[f"{g.prev}.weight"], weights.get(f"{g.prev}.bias"), s
+            )
             if bias is not None:
                 weights[f"{g.prev}.bias"] = bias
         else:
@@ -545,8 +561,9 @@ def awq_layer(layer: nn.Module, weights: dict[str, Tensor], acts: Activations, s
             key = f"{n}.weight"
             if n not in AWQ_NO_CLIP:
                 weights[key] = apply_clip(weights[key], search_clip(x, weights[key], spec.bits, spec.group_size))
-            weights[key] = as_stored(rtn_quantize(weights[key], spec.bits, spec.group_size, symmetric=False),
-                                     spec, f"{prefix}{n}")  # fmt: skip
+            weights[key] = as_stored(
+                rtn_quantize(weights[key], spec.bits, spec.group_size, symmetric=False), spec, f"{prefix}{n}"
+            )
     return weights
 
 
@@ -567,8 +584,11 @@ def skeleton_model(config, dtype: torch.dtype) -> nn.Module:
 
 def linear_shapes(model: nn.Module) -> dict[str, tuple[int, int]]:
     """Decoder linear path -> (out N, in K)."""
-    return {name: (m.out_features, m.in_features) for name, m in model.named_modules()
-            if isinstance(m, nn.Linear) and name.startswith("model.layers.")}  # fmt: skip
+    return {
+        name: (m.out_features, m.in_features)
+        for name, m in model.named_modules()
+        if isinstance(m, nn.Linear) and name.startswith("model.layers.")
+    }
 
 
 def check_layer_plan(model: nn.Module) -> None:
@@ -698,8 +718,10 @@ def load_validation(recipe: Recipe | None, tokenizer, batch_size: int = 8) -> li
     if validation is None:
         return None
     collate = DataCollator(tokenizer)
-    return [collate([validation[i] for i in range(start, min(start + batch_size, len(validation)))])
-            for start in range(0, len(validation), batch_size)]  # fmt: skip
+    return [
+        collate([validation[i] for i in range(start, min(start + batch_size, len(validation)))])
+        for start in range(0, len(validation), batch_size)
+    ]
 
 
 @dataclass
@@ -725,16 +747,22 @@ class Evaluation:
 def format_report(report: dict) -> str:
     """The table printed at the end of a merge."""
     rows = report["results"]
-    known = (("perplexity", "perplexity", "{:.3f}"), ("val_loss", "val loss", "{:.4f}"), ("exact_match", "exact match", "{:.1%}"),
-             ("seconds", "seconds", "{}"))  # fmt: skip
+    known = (
+        ("perplexity", "perplexity", "{:.3f}"),
+        ("val_loss", "val loss", "{:.4f}"),
+        ("exact_match", "exact match", "{:.1%}"),
+        ("seconds", "seconds", "{}"),
+    )
     columns = [c for c in known if any(c[0] in r for r in rows)]
     lines = ["\n" + f"{'model':24}" + "".join(f"{title:>14}" for _, title, _ in columns)]
     for r in rows:
         cells = [fmt.format(r[key]) if key in r else "-" for key, _, fmt in columns]
         lines.append(f"{r['model']:24}" + "".join(f"{cell:>14}" for cell in cells))
     if report["eval_text"]:
-        lines.append(f"\nperplexity on {report['eval_text']} ({report['eval_tokens']} tokens)"
-                     + (f", exact match on {report['test_examples']} test examples" if report["test_examples"] else ""))
+        lines.append(
+            f"\nperplexity on {report['eval_text']} ({report['eval_tokens']} tokens)"
+            + (f", exact match on {report['test_examples']} test examples" if report["test_examples"] else "")
+        )
     kind = "merged bf16" if report["quantize"] == "none" else report["quantize"].upper()
     lines.append(f"{kind} checkpoint and report.json in {report['out']}/")
     return "\n".join(lines)
@@ -750,8 +778,10 @@ def _check_options(o: MergeOptions, adapter_dir: Path, out: Path) -> None:
     if o.merge_into not in ("nf4", "original"):
         raise MergeError(f"--merge-into must be nf4 or original, got {o.merge_into!r}")
     if o.quantize != "none" and o.bits != 4:
-        raise MergeError(f"--bits {o.bits}: GPTQ v1 and AWQ gemm checkpoints are written with 4 bits "
-                         "(other widths only for the in-memory --report of --quantize none)")  # fmt: skip
+        raise MergeError(
+            f"--bits {o.bits}: GPTQ v1 and AWQ gemm checkpoints are written with 4 bits "
+            "(other widths only for the in-memory --report of --quantize none)"
+        )
     if o.act_order and o.quantize == "awq":
         raise MergeError("--act-order applies to GPTQ; AWQ's gemm layout has no g_idx")
     if o.calibration_samples <= 0 or o.calibration_seq_len <= 0:
@@ -771,12 +801,15 @@ def _check_group_size(shapes: dict[str, tuple[int, int]], group_size: int) -> No
     for path, (n, k) in shapes.items():
         if k % group_size:
             fits = [g for g in (32, 64, 128) if all(kk % g == 0 for _, kk in shapes.values())]
-            raise MergeError(f"--group-size {group_size} does not divide in_features K={k} of {path} [N={n}, K={k}]"
-                             + (f"; group sizes that fit every layer: {fits}" if fits else ""))  # fmt: skip
+            raise MergeError(
+                f"--group-size {group_size} does not divide in_features K={k} of {path} [N={n}, K={k}]"
+                + (f"; group sizes that fit every layer: {fits}" if fits else "")
+            )
 
 
 def _passes(o: MergeOptions) -> tuple[QuantSpec | None, list[QuantSpec | None]]:
     """The exported model's spec (None: merged bf16) and every model to build, in report order."""
+
     def spec(method: str, sym: bool) -> QuantSpec:
         return QuantSpec(method, o.bits, o.group_size, sym, o.act_order and method == "gptq", o.damp_percent)
 
@@ -784,8 +817,9 @@ def _passes(o: MergeOptions) -> tuple[QuantSpec | None, list[QuantSpec | None]]:
     if not o.report:
         return chosen, [chosen]
     # RTN on each grid is the baseline of the quantizer beside it; it appears once when --no-sym.
-    return chosen, list(dict.fromkeys([None, spec("rtn", o.sym), spec("gptq", o.sym), spec("rtn", False),
-                                       spec("awq", False)]))  # fmt: skip
+    return chosen, list(
+        dict.fromkeys([None, spec("rtn", o.sym), spec("gptq", o.sym), spec("rtn", False), spec("awq", False)])
+    )
 
 
 def merge(options: MergeOptions) -> dict:
@@ -818,7 +852,9 @@ def merge(options: MergeOptions) -> dict:
         eval_ids = torch.tensor(tokenizer(Path(o.eval_text).read_text(encoding="utf-8"))["input_ids"])
         max_new_tokens = adapter.recipe.eval.max_new_tokens if adapter.recipe else 64
         examples = load_test_examples(adapter.recipe, o.test_examples)
-        evaluation = Evaluation(tokenizer, eval_ids, examples, max_new_tokens, load_validation(adapter.recipe, tokenizer))
+        evaluation = Evaluation(
+            tokenizer, eval_ids, examples, max_new_tokens, load_validation(adapter.recipe, tokenizer)
+        )
 
     device = torch.device(o.device) if o.device else default_device()
     compute_dtype = resolve_compute_dtype("auto", device)
@@ -842,8 +878,10 @@ def merge(options: MergeOptions) -> dict:
                     writer.add(part)
                 if evaluation is not None:
                     collector.add(part)
-            row = {"model": "merged bf16" if spec is None else spec.label,
-                   "seconds": round(time.perf_counter() - start, 1)}  # fmt: skip
+            row = {
+                "model": "merged bf16" if spec is None else spec.label,
+                "seconds": round(time.perf_counter() - start, 1),
+            }
             if evaluation is not None:
                 row |= evaluation(stock_model(config, collector.state, device, compute_dtype))
             del collector
@@ -852,15 +890,19 @@ def merge(options: MergeOptions) -> dict:
         if evaluation is not None:
             results.insert(0, {"model": "NF4 + adapter", **evaluation(_with_adapter(nf4.to(device), adapter))})
         report = {
-            "adapter": str(adapter_dir), "base": base_name, "merge_into": o.merge_into, "quantize": o.quantize,
-            "out": str(out), "device": str(device),
+            "adapter": str(adapter_dir),
+            "base": base_name,
+            "merge_into": o.merge_into,
+            "quantize": o.quantize,
+            "out": str(out),
+            "device": str(device),
             "quantization": None if chosen is None else asdict(chosen),
             "calibration": calibration_info,
             "eval_text": o.eval_text if evaluation is not None else None,
             "eval_tokens": int(evaluation.eval_ids.numel()) if evaluation is not None else 0,
             "test_examples": len(evaluation.examples) if evaluation is not None else 0,
             "results": results,
-        }  # fmt: skip
+        }
         writer.write_json(REPORT_FILE, report)
         writer.finish(config, tokenizer, _generation_config(source, config), _quantization_config(chosen))
     return report
@@ -907,10 +949,15 @@ def _calibration(o: MergeOptions, adapter: Adapter, tokenizer) -> tuple[Tensor, 
         source, fmt, split, system_prompt = data.train, data.format, data.split, data.system_prompt
     else:
         raise MergeError(f"{adapter.directory} has no {RECIPE_FILE} naming its training data: pass --calibration PATH")
-    ids = calibration_windows(tokenizer, source, o.calibration_samples, o.calibration_seq_len, fmt, split,
-                              system_prompt)  # fmt: skip
-    info = {"source": str(source), "samples": o.calibration_samples, "seq_len": o.calibration_seq_len,
-            "tokens": int(ids.numel())}  # fmt: skip
+    ids = calibration_windows(
+        tokenizer, source, o.calibration_samples, o.calibration_seq_len, fmt, split, system_prompt
+    )
+    info = {
+        "source": str(source),
+        "samples": o.calibration_samples,
+        "seq_len": o.calibration_seq_len,
+        "tokens": int(ids.numel()),
+    }
     return ids, info
 
 

@@ -39,7 +39,9 @@ def optimizer_name(name: str, device: torch.device, sharded: bool = False) -> st
         log.info("optimizer %s needs CUDA; using torch AdamW on %s", name, device.type)
         return "adamw_torch"
     if name in _PAGED and sharded:
-        log.info("optimizer %s cannot step FSDP's sharded parameters; using torch AdamW (its state is sharded too)", name)
+        log.info(
+            "optimizer %s cannot step FSDP's sharded parameters; using torch AdamW (its state is sharded too)", name
+        )
         return "adamw_torch"
     return "adamw_torch" if name == "adamw" else name
 
@@ -49,8 +51,11 @@ def _optimizer_class(name: str):
         return torch.optim.AdamW
     import bitsandbytes as bnb
 
-    return {"paged_adamw_8bit": bnb.optim.PagedAdamW8bit, "paged_adamw_32bit": bnb.optim.PagedAdamW32bit,
-            "adamw_8bit": bnb.optim.AdamW8bit}[name]  # fmt: skip
+    return {
+        "paged_adamw_8bit": bnb.optim.PagedAdamW8bit,
+        "paged_adamw_32bit": bnb.optim.PagedAdamW32bit,
+        "adamw_8bit": bnb.optim.AdamW8bit,
+    }[name]
 
 
 def _groups(model: nn.Module) -> dict[str, list[nn.Parameter]]:
@@ -187,10 +192,13 @@ def full_precision_adapters(model: nn.Module) -> Iterator[None]:
 
 
 def optimizer_in_backward(
-    model: nn.Module, name: str, lr: float, weight_decay: float,
+    model: nn.Module,
+    name: str,
+    lr: float,
+    weight_decay: float,
     schedule: Callable[[torch.optim.Optimizer], torch.optim.lr_scheduler.LRScheduler] | None = None,
     offload_adapters: bool = False,
-):  # fmt: skip
+):
     """One optimizer (and scheduler, from ``schedule(optimizer)``) per decoder layer's trainable tensors.
 
     ``name`` is a Trainer optimizer name (see :func:`optimizer_name`). The optimizer and
@@ -208,9 +216,10 @@ def optimizer_in_backward(
         offloaded = OffloadedAdapters(model.get_submodule(layer), group) if offload_adapters and layer else None
         optimizer = cls(offloaded.masters if offloaded else group, lr=lr, weight_decay=weight_decay)
         scheduler = schedule(optimizer) if schedule else None
-        pending = {"left": len(group)}
+        size = len(group)
+        pending = {"left": size}
 
-        def step(_param, optimizer=optimizer, scheduler=scheduler, pending=pending, size=len(group), offloaded=offloaded):
+        def step(_param, optimizer=optimizer, scheduler=scheduler, pending=pending, size=size, offloaded=offloaded):
             pending["left"] -= 1
             if pending["left"] == 0:  # the group's last gradient of this backward pass
                 if offloaded is None:

@@ -39,11 +39,11 @@ from qlora_kit.model.fsdp import (
 )
 from qlora_kit.model.fused import use_fused_ops
 from qlora_kit.model.load import load_quantized, resolve_compute_dtype
+from qlora_kit.model.offload import offload_embeddings, use_offloaded_checkpointing
 from qlora_kit.model.sft import SFTModel
 from qlora_kit.model.sources import load_tokenizer, resolve_source
 from qlora_kit.modules.fake_quant import FakeQuantConfig
 from qlora_kit.modules.lora import cached_qat_weights, enable_qat, set_qat_active
-from qlora_kit.model.offload import offload_embeddings, use_offloaded_checkpointing
 from qlora_kit.pipelines.evaluate import exact_match_accuracy
 from qlora_kit.pipelines.optim import full_precision_adapters, optimizer_in_backward, optimizer_name
 
@@ -67,10 +67,12 @@ def last_complete_checkpoint(output_dir: Path) -> Path | None:
     after a new one is complete.
     """
     complete = [
-        d for d in output_dir.glob(f"{_CHECKPOINT_PREFIX}*")
-        if d.name[len(_CHECKPOINT_PREFIX):].isdigit() and (d / "trainer_state.json").is_file()
+        d
+        for d in output_dir.glob(f"{_CHECKPOINT_PREFIX}*")
+        if d.name[len(_CHECKPOINT_PREFIX) :].isdigit()
+        and (d / "trainer_state.json").is_file()
         and (d / ADAPTER_WEIGHTS).is_file()
-    ]  # fmt: skip
+    ]
     return max(complete, key=lambda d: int(d.name[len(_CHECKPOINT_PREFIX) :]), default=None)
 
 
@@ -113,8 +115,14 @@ def setup_qat(lm, recipe: Recipe) -> list:
         enable_qat(lm, cfg, active=q.start_step == 0)
     except ValueError as e:  # e.g. a group size that does not divide a layer's input size
         raise RecipeError(f"qat: {e}") from None
-    log.info("QAT: %s%d%s, group size %d, from step %d", q.format, q.bits, " symmetric" if q.symmetric else "",
-             q.group_size, q.start_step)  # fmt: skip
+    log.info(
+        "QAT: %s%d%s, group size %d, from step %d",
+        q.format,
+        q.bits,
+        " symmetric" if q.symmetric else "",
+        q.group_size,
+        q.start_step,
+    )
 
     class StartQAT(TrainerCallback):
         """Switches fake-quant on at qat.start_step (also when resuming past it)."""
@@ -156,8 +164,9 @@ def _trainer_class():
         def save_model(self, output_dir: str | None = None, _internal_call: bool = False) -> None:
             if not is_sharded(self.model):
                 return super().save_model(output_dir, _internal_call)
-            save_adapter(self.model.lm, output_dir or self.args.output_dir, self.adapter_config,
-                         write=self.args.should_save)  # fmt: skip
+            save_adapter(
+                self.model.lm, output_dir or self.args.output_dir, self.adapter_config, write=self.args.should_save
+            )
 
         def _save_optimizer_and_scheduler(self, output_dir: str) -> None:
             if not is_sharded(self.model):
@@ -177,8 +186,14 @@ def _trainer_class():
     return QLoRATrainer
 
 
-def training_arguments(recipe: Recipe, device: torch.device, compute_dtype: torch.dtype, has_validation: bool,
-                       eval_on_start: bool = False, sharded: bool = False):  # fmt: skip
+def training_arguments(
+    recipe: Recipe,
+    device: torch.device,
+    compute_dtype: torch.dtype,
+    has_validation: bool,
+    eval_on_start: bool = False,
+    sharded: bool = False,
+):
     """The Trainer's arguments; ``eval_on_start``: validate before the first step; ``sharded``: under FSDP."""
     from transformers import TrainingArguments
 
@@ -232,8 +247,9 @@ def evaluate(trainer, lm, tokenizer, data: SFTData, recipe: Recipe, validation: 
         # the root module, which gathers its weights around generate().
         if main or is_sharded(trainer.model):
             with cache:
-                accuracy, _ = exact_match_accuracy(trainer.model, tokenizer, examples, recipe.eval.max_new_tokens,
-                                                   progress=main)  # fmt: skip
+                accuracy, _ = exact_match_accuracy(
+                    trainer.model, tokenizer, examples, recipe.eval.max_new_tokens, progress=main
+                )
             metrics["test_exact_match"] = accuracy
         trainer.accelerator.wait_for_everyone()
     return metrics
@@ -279,16 +295,27 @@ def train(recipe: Recipe) -> dict:
     source = resolve_source(recipe.model.name_or_path, recipe.model.gguf_file)
     tokenizer = load_tokenizer(source)
     data = build_datasets(recipe.data, tokenizer, recipe.training.seed)
-    log.info("data: %d training rows, %s validation rows, %s test examples, %d skipped", len(data.train),
-             len(data.validation) if data.validation is not None else 0, len(data.test or []), data.skipped)  # fmt: skip
+    log.info(
+        "data: %d training rows, %s validation rows, %s test examples, %d skipped",
+        len(data.train),
+        len(data.validation) if data.validation is not None else 0,
+        len(data.test or []),
+        data.skipped,
+    )
 
     device = state.device
     compute_dtype = resolve_compute_dtype(recipe.model.compute_dtype, device)
     torch.manual_seed(recipe.training.seed)
     # Under FSDP the model waits in CPU memory until shard_model spreads it over the GPUs.
-    lm = load_quantized(source, device=device, compute_dtype=compute_dtype,
-                        attn_implementation=recipe.model.attn_implementation, kernel=recipe.quantization.kernel,
-                        progress=state.is_main_process, keep_on="cpu" if sharded else None)  # fmt: skip
+    lm = load_quantized(
+        source,
+        device=device,
+        compute_dtype=compute_dtype,
+        attn_implementation=recipe.model.attn_implementation,
+        kernel=recipe.quantization.kernel,
+        progress=state.is_main_process,
+        keep_on="cpu" if sharded else None,
+    )
     lora = recipe.lora
     add_lora(lm, lora.r, lora.alpha, lora.dropout, lora.target_modules, lora.use_rslora)
     callbacks = setup_qat(lm, recipe) if recipe.qat.enabled else []
@@ -307,8 +334,10 @@ def train(recipe: Recipe) -> dict:
             use_offloaded_checkpointing(lm)
     if t.offload_embeddings:
         if sharded:
-            raise RecipeError("training.offload_embeddings does not work under FSDP, which shards the embeddings "
-                              "over the GPUs with the rest of the model: set it to false")  # fmt: skip
+            raise RecipeError(
+                "training.offload_embeddings does not work under FSDP, which shards the embeddings "
+                "over the GPUs with the rest of the model: set it to false"
+            )
         try:
             offload_embeddings(lm)
         except ValueError as e:
@@ -320,13 +349,19 @@ def train(recipe: Recipe) -> dict:
     optimizers = (None, None)
     if t.optimizer_in_backward:
         if state.num_processes > 1:
-            raise RecipeError("training.optimizer_in_backward works in a single process: its hooks would step "
-                              "before the gradients of other processes are reduced")  # fmt: skip
+            raise RecipeError(
+                "training.optimizer_in_backward works in a single process: its hooks would step "
+                "before the gradients of other processes are reduced"
+            )
         steps = training_steps(recipe, len(data.train), state.num_processes)
-        optimizers = optimizer_in_backward(lm, optimizer_name(t.optimizer, device), t.learning_rate, t.weight_decay,
-                                           lambda opt: get_scheduler(t.lr_scheduler, opt, math.ceil(t.warmup_ratio * steps),
-                                                                     steps),
-                                           offload_adapters=t.offload_adapters)  # fmt: skip
+        optimizers = optimizer_in_backward(
+            lm,
+            optimizer_name(t.optimizer, device),
+            t.learning_rate,
+            t.weight_decay,
+            lambda opt: get_scheduler(t.lr_scheduler, opt, math.ceil(t.warmup_ratio * steps), steps),
+            offload_adapters=t.offload_adapters,
+        )
     model = SFTModel(lm, chunked_loss=recipe.training.fused_kernels)
     if sharded:
         shard_model(model, lm.model.layers, fsdp.reshard_after_forward)
@@ -334,12 +369,22 @@ def train(recipe: Recipe) -> dict:
         # in DDP. Marked as prepared, accelerate leaves it as it is on both.
         model._is_accelerate_prepared = True
         local, total = nf4_storage_bytes(lm)
-        log.info("FSDP over %d processes: this one holds %.1f%% of the %.1f MB of NF4 weights", state.num_processes,
-                 100 * local / total, total / 2**20)  # fmt: skip
+        log.info(
+            "FSDP over %d processes: this one holds %.1f%% of the %.1f MB of NF4 weights",
+            state.num_processes,
+            100 * local / total,
+            total / 2**20,
+        )
     trainer = _trainer_class()(
         model=model,
-        args=training_arguments(recipe, device, compute_dtype, data.validation is not None,
-                                eval_on_start=resume_from is None, sharded=sharded),
+        args=training_arguments(
+            recipe,
+            device,
+            compute_dtype,
+            data.validation is not None,
+            eval_on_start=resume_from is None,
+            sharded=sharded,
+        ),
         train_dataset=data.train,
         eval_dataset=data.validation,
         data_collator=DataCollator(tokenizer),

@@ -24,7 +24,7 @@ input x and calls the functions below.
 
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 from torch import Tensor
@@ -65,8 +65,7 @@ def search_scale(
     for i, w in enumerate(weights):
         if w.dim() != 2 or w.shape[1] != k:
             raise ValueError(
-                f"consumer weight {i} has shape {tuple(w.shape)}, "
-                f"expected [N, K={k}] to match x {tuple(x.shape)}"
+                f"consumer weight {i} has shape {tuple(w.shape)}, expected [N, K={k}] to match x {tuple(x.shape)}"
             )
     groups = group_count(k, group_size)
 
@@ -153,9 +152,7 @@ def apply_clip(w: Tensor, max_val: Tensor) -> Tensor:
     """Clamp each (row, group) of `w` [N, K] to [-max_val, max_val] (max_val [N, G])."""
     n, k = w.shape
     if max_val.dim() != 2 or max_val.shape[0] != n or k % max_val.shape[1] != 0:
-        raise ValueError(
-            f"max_val of shape {tuple(max_val.shape)} does not fit a weight of shape {tuple(w.shape)}"
-        )
+        raise ValueError(f"max_val of shape {tuple(max_val.shape)} does not fit a weight of shape {tuple(w.shape)}")
     groups = max_val.shape[1]
     bound = max_val.to(w.dtype).unsqueeze(-1)
     return torch.clamp(w.reshape(n, groups, k // groups), -bound, bound).reshape(n, k)
@@ -169,9 +166,7 @@ def fold_scale_into_norm(norm_weight: Tensor, s: Tensor) -> Tensor:
     return (norm_weight.to(dtype) / s.to(norm_weight.device, dtype)).to(norm_weight.dtype)
 
 
-def fold_scale_into_linear(
-    prev_weight: Tensor, prev_bias: Tensor | None, s: Tensor
-) -> tuple[Tensor, Tensor | None]:
+def fold_scale_into_linear(prev_weight: Tensor, prev_bias: Tensor | None, s: Tensor) -> tuple[Tensor, Tensor | None]:
     """Divide the previous Linear's output rows (weight [K, *], bias [K]) by s."""
     if prev_weight.dim() != 2 or prev_weight.shape[0] != s.shape[0]:
         raise ValueError(
@@ -189,9 +184,7 @@ def scale_consumer_weights(weights: list[Tensor], s: Tensor) -> list[Tensor]:
     scaled = []
     for i, w in enumerate(weights):
         if w.dim() != 2 or w.shape[1] != s.shape[0]:
-            raise ValueError(
-                f"consumer weight {i} of shape {tuple(w.shape)} must have K={s.shape[0]} columns"
-            )
+            raise ValueError(f"consumer weight {i} of shape {tuple(w.shape)} must have K={s.shape[0]} columns")
         dtype = _compute_dtype(w)
         scaled.append((w.to(dtype) * s.to(w.device, dtype)).to(w.dtype))
     return scaled

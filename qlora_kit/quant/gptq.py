@@ -35,9 +35,7 @@ class GPTQ:
         (tokens), so H does not depend on how the calibration set is batched.
         """
         if inp.dim() == 0 or inp.shape[-1] != self.columns:
-            raise ValueError(
-                f"GPTQ layer has {self.columns} input columns, got an input of shape {tuple(inp.shape)}"
-            )
+            raise ValueError(f"GPTQ layer has {self.columns} input columns, got an input of shape {tuple(inp.shape)}")
         x = inp.reshape(-1, self.columns).to(self.H.device, torch.float32)
         tmp = x.shape[0]
         self.H *= self.nsamples / (self.nsamples + tmp)
@@ -125,18 +123,18 @@ class GPTQ:
                 if (i1 + i) % g == 0:
                     # W1 carries this block's updates; a group reaching past the
                     # block starts with it, when W is fully updated.
-                    group = W1[:, i:i + g] if i + g <= count else W[:, i1 + i:i1 + i + g]
+                    group = W1[:, i : i + g] if i + g <= count else W[:, i1 + i : i1 + i + g]
                     scale, zero = find_params(group, bits, symmetric)
                     scales.append(scale)
                     zeros.append(zero)
-                w = W1[:, i:i + 1]
+                w = W1[:, i : i + 1]
                 d = Hinv1[i, i]
                 q = quantize(w, scale, zero, bits)
-                Q1[:, i:i + 1] = q
+                Q1[:, i : i + 1] = q
                 err1 = (w - scale * (q - zero)) / d
-                Losses1[:, i:i + 1] = err1**2
-                W1[:, i:] -= err1 @ Hinv1[i:i + 1, i:]
-                Err1[:, i:i + 1] = err1
+                Losses1[:, i : i + 1] = err1**2
+                W1[:, i:] -= err1 @ Hinv1[i : i + 1, i:]
+                Err1[:, i : i + 1] = err1
 
             Q[:, i1:i2] = Q1
             loss += Losses1.sum() / 2

@@ -89,8 +89,7 @@ class IntQuantWeight:
         n, k = self.q.shape
         if self.scale.dim() != 2 or self.scale.shape[0] != n or self.zero.shape != self.scale.shape:
             raise ValueError(
-                f"scale and zero must both be [N={n}, G], got {tuple(self.scale.shape)} "
-                f"and {tuple(self.zero.shape)}"
+                f"scale and zero must both be [N={n}, G], got {tuple(self.scale.shape)} and {tuple(self.zero.shape)}"
             )
         if self.g_idx.shape != (k,):
             raise ValueError(f"g_idx must be [K={k}], got shape {tuple(self.g_idx.shape)}")
@@ -108,16 +107,11 @@ def group_count(columns: int, group_size: int) -> int:
     if group_size == -1:
         return 1
     if group_size <= 0 or columns % group_size != 0:
-        raise ValueError(
-            f"group_size {group_size} must be -1 or a positive divisor of in_features "
-            f"K={columns}"
-        )
+        raise ValueError(f"group_size {group_size} must be -1 or a positive divisor of in_features K={columns}")
     return columns // group_size
 
 
-def rtn_quantize(
-    weight: Tensor, bits: int = 4, group_size: int = 128, symmetric: bool = True
-) -> IntQuantWeight:
+def rtn_quantize(weight: Tensor, bits: int = 4, group_size: int = 128, symmetric: bool = True) -> IntQuantWeight:
     """Round-to-nearest group-wise quantization of a Linear weight [N, K]."""
     if weight.dim() != 2:
         raise ValueError(f"weight must be [out_features, in_features], got shape {tuple(weight.shape)}")

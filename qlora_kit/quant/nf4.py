@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass
-from functools import lru_cache
+from functools import cache
 
 import torch
 
@@ -32,24 +32,36 @@ NESTED_BLOCKSIZE = 256
 
 # bitsandbytes get_4bit_type("nf4"): quantiles of N(0, 1) normalised to [-1, 1], code 7 = 0.
 NF4_CODE = (
-    -1.0, -0.6961928009986877, -0.5250730514526367, -0.39491748809814453,
-    -0.28444138169288635, -0.18477343022823334, -0.09105003625154495, 0.0,
-    0.07958029955625534, 0.16093020141124725, 0.24611230194568634, 0.33791524171829224,
-    0.44070982933044434, 0.5626170039176941, 0.7229568362236023, 1.0,
-)  # fmt: skip
+    -1.0,
+    -0.6961928009986877,
+    -0.5250730514526367,
+    -0.39491748809814453,
+    -0.28444138169288635,
+    -0.18477343022823334,
+    -0.09105003625154495,
+    0.0,
+    0.07958029955625534,
+    0.16093020141124725,
+    0.24611230194568634,
+    0.33791524171829224,
+    0.44070982933044434,
+    0.5626170039176941,
+    0.7229568362236023,
+    1.0,
+)
 
 ZERO_CODE = 7  # pads the low nibble of an odd-sized weight's last byte, as bitsandbytes does
 
 _SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 
-@lru_cache(maxsize=None)
+@cache
 def nf4_code(device: torch.device) -> torch.Tensor:
     """The 16 NF4 code values (fp32) on ``device``, cached."""
     return torch.tensor(NF4_CODE, dtype=torch.float32, device=device)
 
 
-@lru_cache(maxsize=None)
+@cache
 def dynamic_map(device: torch.device) -> torch.Tensor:
     """The 256-entry signed dynamic map of the absmax codes (fp32) on ``device``, cached."""
     return signed_dynamic_map().to(device)
@@ -133,9 +145,15 @@ class NF4Tensor:
 
     def to(self, device: torch.device | str) -> NF4Tensor:
         return NF4Tensor(
-            self.packed.to(device), self.absmax_q.to(device), self.nested_absmax.to(device),
-            self.offset.to(device), self.shape, self.dtype, self.blocksize, self.nested_blocksize,
-        )  # fmt: skip
+            self.packed.to(device),
+            self.absmax_q.to(device),
+            self.nested_absmax.to(device),
+            self.offset.to(device),
+            self.shape,
+            self.dtype,
+            self.blocksize,
+            self.nested_blocksize,
+        )
 
     def dequantize(self, dtype: torch.dtype | None = None) -> torch.Tensor:
         return dequantize_nf4(self, dtype)
@@ -143,7 +161,9 @@ class NF4Tensor:
 
 def _check_weight(weight: torch.Tensor) -> None:
     if weight.dtype not in _SUPPORTED_DTYPES:
-        raise ValueError(f"NF4 quantizes float32/float16/bfloat16 weights, got {weight.dtype} of shape {tuple(weight.shape)}")
+        raise ValueError(
+            f"NF4 quantizes float32/float16/bfloat16 weights, got {weight.dtype} of shape {tuple(weight.shape)}"
+        )
     if weight.numel() == 0:
         raise ValueError(f"cannot quantize an empty tensor of shape {tuple(weight.shape)}")
 
@@ -223,9 +243,18 @@ def dequantize_nf4(
         from qlora_kit.kernels.nf4 import dequantize_nf4_dq
 
         return dequantize_nf4_dq(
-            t.packed, t.absmax_q, t.nested_absmax, t.offset, nf4_code(t.device), dynamic_map(t.device),
-            t.shape, dtype, t.blocksize, t.nested_blocksize, out=out,
-        )  # fmt: skip
+            t.packed,
+            t.absmax_q,
+            t.nested_absmax,
+            t.offset,
+            nf4_code(t.device),
+            dynamic_map(t.device),
+            t.shape,
+            dtype,
+            t.blocksize,
+            t.nested_blocksize,
+            out=out,
+        )
     w = dequantize_nf4_reference(t, dtype)
     return out.copy_(w) if out is not None else w
 
@@ -286,7 +315,9 @@ def from_bitsandbytes(packed: torch.Tensor, quant_state) -> NF4Tensor:
     """Import a weight quantized by ``bitsandbytes.functional.quantize_4bit`` without requantizing."""
     qs = quant_state
     if qs.quant_type != "nf4" or not qs.nested:
-        raise ValueError(f"expected an NF4 QuantState with double quantization, got quant_type={qs.quant_type!r}, nested={qs.nested}")
+        raise ValueError(
+            f"expected an NF4 QuantState with double quantization, got quant_type={qs.quant_type!r}, nested={qs.nested}"
+        )
     return NF4Tensor(
         packed=packed.reshape(-1).view(torch.uint8),
         absmax_q=qs.absmax.view(torch.uint8),

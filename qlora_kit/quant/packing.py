@@ -113,9 +113,7 @@ def pack_awq_gemm(w: IntQuantWeight) -> dict[str, Tensor]:
     n, k = _check_packable(w, "AWQ")
     groups = w.scale.shape[1]
     if not torch.equal(w.g_idx.long().cpu(), torch.arange(k) // (k // groups)):
-        raise ValueError(
-            f"AWQ gemm has no g_idx: weight [N={n}, K={k}] must use contiguous groups (no act-order)"
-        )
+        raise ValueError(f"AWQ gemm has no g_idx: weight [N={n}, K={k}] must use contiguous groups (no act-order)")
     return {
         "qweight": _pack_rows(w.q.t(), AWQ_ORDER),
         "qzeros": _pack_rows(w.zero.t(), AWQ_ORDER),
