@@ -15,8 +15,11 @@ Design notes and the bandwidth arithmetic: docs/kernels.md.
 
 from __future__ import annotations
 
+import functools
+
 import torch
 
+from qlora_kit import compat
 from qlora_kit.kernels._triton import INTERPRET as _INTERPRET
 from qlora_kit.kernels._triton import available, tl, triton  # noqa: F401 (available is re-exported)
 
@@ -153,10 +156,105 @@ def _check(cond: bool, message: str) -> None:
 
 
 def _check_blocksize(blocksize: int) -> None:
-    _check(
-        8 <= blocksize <= _MIN_BLOCK and blocksize & (blocksize - 1) == 0,
-        f"blocksize must be a power of two in [8, {_MIN_BLOCK}], got {blocksize}",
+    if not (8 <= blocksize <= _MIN_BLOCK and blocksize & (blocksize - 1) == 0):
+        raise ValueError(f"blocksize must be a power of two in [8, {_MIN_BLOCK}], got {blocksize}")
+
+
+class _Plan:
+    """What a dequant signature (shape, dtype, blocksize, nested_blocksize, device) needs on every call:
+    the sizes its inputs must have and, once the autotuner has chosen a tile on CUDA, the launch.
+
+    A small weight's kernel runs for a few microseconds, so a call must not spend tens of them in
+    Python: building error messages, the autotuner's and heuristics' bookkeeping, the JIT's
+    argument binding. The first call of a signature goes through the autotuner; later ones
+    launch the compiled kernel it chose directly (qlora_kit.compat.triton_compiled_launcher).
+    """
+
+    __slots__ = ("n", "n_bytes", "n_blocks", "n_nested", "vec", "config", "grid", "tail", "launch", "device_index")
+
+    def __init__(self, shape: torch.Size, dtype: torch.dtype, blocksize: int, nested_blocksize: int):
+        _check_blocksize(blocksize)
+        if not (nested_blocksize & (nested_blocksize - 1) == 0 and blocksize * nested_blocksize >= _MAX_BLOCK):
+            raise ValueError(
+                f"nested_blocksize must be a power of two with blocksize * nested_blocksize >= {_MAX_BLOCK}, "
+                f"got {nested_blocksize} (blocksize {blocksize})"
+            )
+        if dtype not in (torch.bfloat16, torch.float16, torch.float32):
+            raise ValueError(f"output dtype must be bf16/fp16/fp32, got {dtype}")
+        self.n = shape.numel()
+        self.n_bytes = (self.n + 1) // 2
+        self.n_blocks = -(-self.n // blocksize)
+        self.n_nested = -(-self.n_blocks // nested_blocksize)
+        self.vec = 8 // dtype.itemsize  # packed bytes per thread group: 2 * VEC outputs = 16 bytes
+        self.config = None  # the autotuner's triton.Config, after the first CUDA call
+        self.grid = None
+        self.tail = None  # the kernel's arguments after the tensors, constexprs included
+        self.launch = None  # the compiled kernel's direct launch, once made
+        self.device_index = None
+
+    def tune(self, args: tuple, consts: dict, blocksize: int, nested_blocksize: int) -> None:
+        """Launch through the autotuner and keep the config it chose for later calls."""
+        n = self.n
+        _dequant_autotuned[lambda meta: (triton.cdiv(n, meta["BLOCK"]),)](*args, **consts)
+        config = compat.triton_best_config(_dequant_autotuned)
+        if config is None:  # this triton does not say: every call goes through the autotuner
+            return
+        block = config.kwargs["BLOCK"]
+        self.grid = (triton.cdiv(n, block),)
+        self.tail = (
+            n,
+            self.n_bytes,
+            self.n_blocks,
+            block,
+            blocksize,
+            nested_blocksize,
+            self.vec,
+            n % block == 0,
+            False,
+        )
+        self.config = config
+
+    def _jit_kwargs(self, consts: dict) -> dict:
+        # The autotuner's keyword order (the call's, the config's, the heuristic's): triton's
+        # kernel cache key spells the options out in order, so the JIT finds what it compiled.
+        return {**consts, **self.config.all_kwargs(), "EVEN": self.tail[7]}
+
+    def jit_launch(self, args: tuple, consts: dict) -> None:
+        """The normal launch with the chosen config: triton binds and specializes the arguments itself."""
+        _dequant_kernel[self.grid](*args, **self._jit_kwargs(consts))
+
+    def make_launch(self, args: tuple, consts: dict, device_index: int) -> None:
+        """The direct launch of the kernel the JIT compiled for these (16-byte aligned) arguments,
+        or, where triton's compiled kernels lack the interface, the JIT's launch with the chosen config."""
+        kwargs = self._jit_kwargs(consts)
+        kernel = _dequant_kernel.warmup(*args, grid=self.grid, **kwargs)
+        options = {k: v for k, v in kwargs.items() if k not in _dequant_kernel.arg_names}
+        self.launch = compat.triton_compiled_launcher(kernel, self.grid) or functools.partial(
+            _dequant_kernel[self.grid], **options
+        )
+        self.device_index = device_index
+
+
+# One plan per signature; a process sees a few dozen weight shapes.
+_PLANS: dict[tuple, _Plan] = {}
+
+
+def _raise_bad_input(plan: _Plan, shape: torch.Size, device: torch.device, tensors: tuple) -> None:
+    names = ("packed", "absmax_q", "nested_absmax", "offset", "code4", "code8")
+    expected = (
+        (torch.uint8, plan.n_bytes),
+        (torch.uint8, plan.n_blocks),
+        (torch.float32, plan.n_nested),
+        (torch.float32, 1),
+        (torch.float32, 16),
+        (torch.float32, 256),
     )
+    for name, t, (t_dtype, numel) in zip(names, tensors, expected):
+        _check(
+            t.dtype == t_dtype and t.numel() == numel and t.device == device,
+            f"{name}: expected {t_dtype} with {numel} elements on {device} for a weight of shape "
+            f"{tuple(shape)}, got {t.dtype} with {t.numel()} on {t.device}",
+        )
 
 
 def dequantize_nf4_dq(
@@ -192,65 +290,103 @@ def dequantize_nf4_dq(
     Returns:
         The weight, ``out`` itself when given.
     """
-    shape = torch.Size(shape)
-    n = shape.numel()
-    n_blocks = -(-n // blocksize)
-    n_nested = -(-n_blocks // nested_blocksize)
-    _check_blocksize(blocksize)
-    _check(
-        nested_blocksize & (nested_blocksize - 1) == 0 and blocksize * nested_blocksize >= _MAX_BLOCK,
-        f"nested_blocksize must be a power of two with blocksize * nested_blocksize >= {_MAX_BLOCK}, "
-        f"got {nested_blocksize} (blocksize {blocksize})",
-    )
-    _check(dtype in (torch.bfloat16, torch.float16, torch.float32), f"output dtype must be bf16/fp16/fp32, got {dtype}")
-    for name, t, t_dtype, numel in (
-        ("packed", packed, torch.uint8, (n + 1) // 2),
-        ("absmax_q", absmax_q, torch.uint8, n_blocks),
-        ("nested_absmax", nested_absmax, torch.float32, n_nested),
-        ("offset", offset, torch.float32, 1),
-        ("code4", code4, torch.float32, 16),
-        ("code8", code8, torch.float32, 256),
+    if type(shape) is not torch.Size:
+        shape = torch.Size(shape)
+    device = packed.device
+    key = (shape, dtype, blocksize, nested_blocksize, device)
+    plan = _PLANS.get(key)
+    if plan is None:
+        plan = _PLANS[key] = _Plan(shape, dtype, blocksize, nested_blocksize)
+    # One expression on the fast path; the message naming the bad tensor is built only on failure.
+    if not (
+        packed.dtype == torch.uint8
+        and packed.numel() == plan.n_bytes
+        and absmax_q.dtype == torch.uint8
+        and absmax_q.numel() == plan.n_blocks
+        and absmax_q.device == device
+        and nested_absmax.dtype == torch.float32
+        and nested_absmax.numel() == plan.n_nested
+        and nested_absmax.device == device
+        and offset.dtype == torch.float32
+        and offset.numel() == 1
+        and offset.device == device
+        and code4.dtype == torch.float32
+        and code4.numel() == 16
+        and code4.device == device
+        and code8.dtype == torch.float32
+        and code8.numel() == 256
+        and code8.device == device
     ):
-        _check(
-            t.dtype == t_dtype and t.numel() == numel and t.device == packed.device,
-            f"{name}: expected {t_dtype} with {numel} elements on {packed.device} for a weight of shape "
-            f"{tuple(shape)}, got {t.dtype} with {t.numel()} on {t.device}",
+        _raise_bad_input(plan, shape, device, (packed, absmax_q, nested_absmax, offset, code4, code8))
+    if not (
+        packed.is_contiguous()
+        and absmax_q.is_contiguous()
+        and nested_absmax.is_contiguous()
+        and code4.is_contiguous()
+        and code8.is_contiguous()
+    ):
+        packed, absmax_q, nested_absmax, code4, code8 = (
+            t.contiguous() for t in (packed, absmax_q, nested_absmax, code4, code8)
         )
     if out is None:
-        out = torch.empty(shape, dtype=dtype, device=packed.device)
-    else:
-        _check(
-            out.shape == shape and out.dtype == dtype and out.is_contiguous() and out.device == packed.device,
-            f"out: expected a contiguous {dtype} tensor of shape {tuple(shape)} on {packed.device}, "
-            f"got {out.dtype} {tuple(out.shape)} on {out.device} (contiguous={out.is_contiguous()})",
+        out = torch.empty(shape, dtype=dtype, device=device)
+    elif not (out.shape == shape and out.dtype == dtype and out.is_contiguous() and out.device == device):
+        raise ValueError(
+            f"out: expected a contiguous {dtype} tensor of shape {tuple(shape)} on {device}, "
+            f"got {out.dtype} {tuple(out.shape)} on {out.device} (contiguous={out.is_contiguous()})"
         )
 
-    args = (
-        packed.contiguous(),
-        absmax_q.contiguous(),
-        nested_absmax.contiguous(),
-        offset,
-        code4.contiguous(),
-        code8.contiguous(),
-        out,
-        n,
-        packed.numel(),
-        n_blocks,
-    )
+    launch = plan.launch
+    # The compiled kernel assumes 16-byte aligned pointers (triton specializes on it) and the
+    # device it was loaded on.
+    if (
+        launch is not None
+        and not (
+            packed.data_ptr()
+            | absmax_q.data_ptr()
+            | nested_absmax.data_ptr()
+            | offset.data_ptr()
+            | code4.data_ptr()
+            | code8.data_ptr()
+            | out.data_ptr()
+        )
+        & 15
+        and torch.cuda.current_device() == plan.device_index
+    ):
+        launch(packed, absmax_q, nested_absmax, offset, code4, code8, out, *plan.tail)
+        return out
+    _launch(plan, (packed, absmax_q, nested_absmax, offset, code4, code8, out), dtype, blocksize, nested_blocksize)
+    return out
+
+
+def _launch(plan: _Plan, tensors: tuple, dtype: torch.dtype, blocksize: int, nested_blocksize: int) -> None:
+    """Every launch but the direct one: the interpreter, the first (autotuned) call of a signature,
+    unaligned pointers or another current device."""
+    args = (*tensors, plan.n, plan.n_bytes, plan.n_blocks)
     consts = {
         "BLOCKSIZE": blocksize,
         "NESTED_BLOCKSIZE": nested_blocksize,
-        "VEC": 8 // out.element_size(),  # packed bytes per thread group: 2 * VEC outputs = 16 bytes
+        "VEC": plan.vec,
         "BF16_BY_BITS": _INTERPRET and dtype == torch.bfloat16,
         "enable_fp_fusion": False,
     }
     if _INTERPRET:
-        even = n % _INTERPRET_BLOCK == 0
+        n = plan.n
         grid = (triton.cdiv(n, _INTERPRET_BLOCK),)
-        _dequant_kernel[grid](*args, BLOCK=_INTERPRET_BLOCK, EVEN=even, num_warps=4, **consts)
+        _dequant_kernel[grid](*args, BLOCK=_INTERPRET_BLOCK, EVEN=n % _INTERPRET_BLOCK == 0, num_warps=4, **consts)
+        return
+    if plan.config is None:
+        plan.tune(args, consts, blocksize, nested_blocksize)
     else:
-        _dequant_autotuned[lambda meta: (triton.cdiv(n, meta["BLOCK"]),)](*args, **consts)
-    return out
+        plan.jit_launch(args, consts)
+    device_index = tensors[0].get_device()
+    if (
+        plan.config is not None
+        and plan.launch is None
+        and not any(t.data_ptr() % 16 for t in tensors)
+        and torch.cuda.current_device() == device_index
+    ):
+        plan.make_launch(args, consts, device_index)
 
 
 def quantize_nf4_blocks(

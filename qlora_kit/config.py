@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import logging
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from functools import reduce
@@ -21,6 +22,12 @@ from omegaconf import MISSING, OmegaConf
 from omegaconf.errors import MissingMandatoryValue, OmegaConfBaseException
 
 from qlora_kit.errors import UserInputError
+from qlora_kit.paths import resolve_paths
+
+log = logging.getLogger(__name__)
+
+# The rules of eval.match; pipelines/matching.py implements each (a test checks it).
+MATCH_RULES = ("exact", "normalized", "json")
 
 
 class RecipeError(UserInputError):
@@ -39,11 +46,8 @@ class ModelSection:
 
 @dataclass
 class QuantizationSection:
-    """quantization: how the frozen base weights are stored."""
+    """quantization: how the frozen base weights are dequantized (always NF4 + double quantization, blocks of 64)."""
 
-    quant_type: str = "nf4"
-    double_quant: bool = True
-    blocksize: int = 64
     kernel: str = "auto"
 
 
@@ -93,6 +97,8 @@ class DataSection:
 class TrainingSection:
     """training: optimizer, schedule, steps, checkpoints."""
 
+    # What the run optimizes: sft (next-token loss) or a preference method on pairs (dpo, orpo; the preference section).
+    method: str = "sft"
     epochs: float = 1.0
     max_steps: int = -1
     batch_size: int = 4
@@ -114,6 +120,9 @@ class TrainingSection:
     offload_embeddings: bool = False
     # With optimizer_in_backward: LoRA weights in CPU memory, on the GPU (bf16) only while their layer runs.
     offload_adapters: bool = False
+    # Long context: each MLP in chunks of this many tokens (qlora_kit/modules/tiled_mlp.py); 0: off; or "auto".
+    # OmegaConf has no Union, so Any + _RANGES.
+    mlp_chunk_tokens: Any = 0
     seed: int = 42
     logging_steps: int = 10
     eval_steps: int | None = None
@@ -123,11 +132,30 @@ class TrainingSection:
 
 
 @dataclass
+class PreferenceSection:
+    """preference: DPO and ORPO on chosen/rejected pairs (training.method dpo or orpo)."""
+
+    beta: float = 0.1
+    loss_type: str = "sigmoid"
+    label_smoothing: float = 0.0
+    # Prompts longer than this keep their last tokens; null: only data.max_seq_len cuts.
+    max_prompt_len: int | None = None
+    # The adapter the trained one starts from (e.g. an SFT run's output.dir); null: fresh LoRA, i.e. the base.
+    init_adapter: str | None = None
+    # DPO's reference: null is the base with the adapters switched off; an adapter directory needs precompute_reference.
+    reference_adapter: str | None = None
+    # The reference log-probabilities once, before training, instead of a reference forward in every step.
+    precompute_reference: bool = False
+
+
+@dataclass
 class EvalSection:
     """eval: generation on the test split."""
 
-    max_new_tokens: int = 64
+    # None: the longest reference test answer in tokens plus a margin (pipelines/evaluate.py).
+    max_new_tokens: int | None = None
     max_test_examples: int | None = None
+    match: str = "exact"
 
 
 @dataclass
@@ -150,9 +178,28 @@ class Recipe:
     qat: QATSection = field(default_factory=QATSection)
     data: DataSection = field(default_factory=DataSection)
     training: TrainingSection = field(default_factory=TrainingSection)
+    preference: PreferenceSection = field(default_factory=PreferenceSection)
     eval: EvalSection = field(default_factory=EvalSection)
     output: OutputSection = field(default_factory=OutputSection)
 
+
+# TRL DPOTrainer's loss types that need no setting beyond the preference section (discopop's tau has none).
+DPO_LOSS_TYPES = (
+    "sigmoid",
+    "hinge",
+    "ipo",
+    "exo_pair",
+    "nca_pair",
+    "robust",
+    "bco_pair",
+    "sppo_hard",
+    "aot",
+    "aot_unpaired",
+    "apo_zero",
+    "apo_down",
+    "sft",
+    "sigmoid_norm",
+)
 
 # The tree of valid keys, for unknown-key checks and suggestions.
 _DEFAULTS = dataclasses.asdict(Recipe())
@@ -160,13 +207,10 @@ _DEFAULTS = dataclasses.asdict(Recipe())
 _CHOICES: dict[str, tuple] = {
     "model.compute_dtype": ("auto", "bfloat16", "float16", "float32"),
     "model.attn_implementation": ("sdpa", "eager", "flash_attention_2"),
-    "quantization.quant_type": ("nf4",),
-    "quantization.double_quant": (True,),  # the bitsandbytes layout we read and write is double-quantized
-    "quantization.blocksize": (64,),  # the NF4 kernels and the bitsandbytes format assume 64
     "quantization.kernel": ("auto", "triton", "torch"),
     "qat.format": ("int", "nf4"),
     "qat.activation_bits": (None, 8),
-    "data.format": ("auto", "messages", "prompt_completion", "alpaca", "text"),
+    "data.format": ("auto", "messages", "prompt_completion", "alpaca", "text", "preference"),
     "data.on_bad_row": ("error", "skip"),
     # Schedulers of transformers that need no extra arguments.
     "training.lr_scheduler": (
@@ -179,6 +223,9 @@ _CHOICES: dict[str, tuple] = {
         "inverse_sqrt",
     ),
     "training.optimizer": ("paged_adamw_8bit", "paged_adamw_32bit", "adamw_8bit", "adamw"),
+    "training.method": ("sft", "dpo", "orpo"),
+    "preference.loss_type": DPO_LOSS_TYPES,
+    "eval.match": MATCH_RULES,
     "output.report_to": ("tensorboard", "none"),
 }
 
@@ -201,14 +248,20 @@ _RANGES: dict[str, tuple[Callable[[Any], bool], str]] = {
             "training.logging_steps",
             "training.save_steps",
             "training.save_total_limit",
-            "eval.max_new_tokens",
         ),
         _POSITIVE,
     ),
-    **dict.fromkeys(("training.eval_steps", "eval.max_test_examples"), _POSITIVE_OR_NULL),
+    **dict.fromkeys(("training.eval_steps", "eval.max_new_tokens", "eval.max_test_examples"), _POSITIVE_OR_NULL),
+    "preference.beta": _POSITIVE,
+    "preference.max_prompt_len": _POSITIVE_OR_NULL,
+    "preference.label_smoothing": (lambda v: 0 <= v < 0.5, "in [0, 0.5)"),
     **dict.fromkeys(("lora.dropout", "data.validation_split", "training.warmup_ratio"), _FRACTION),
     **dict.fromkeys(("qat.start_step", "training.weight_decay", "training.uncheckpointed_layers"), _NON_NEGATIVE),
     "training.max_grad_norm": (lambda v: v >= 0, ">= 0 (0 disables clipping)"),
+    "training.mlp_chunk_tokens": (
+        lambda v: v == "auto" or (isinstance(v, int) and not isinstance(v, bool) and v >= 0),
+        "0 (off), a number of tokens > 0, or 'auto'",
+    ),
     "training.max_steps": (lambda v: v == -1 or v > 0, "-1 (use epochs) or > 0"),
     "qat.bits": (lambda v: 2 <= v <= 8, "in [2, 8]"),
     "lora.target_modules": (
@@ -221,18 +274,31 @@ _RANGES: dict[str, tuple[Callable[[Any], bool], str]] = {
     "output.dir": (lambda v: v != "", "a non-empty path"),
 }
 
-# A layer is one source of values: its nested dict and a function key -> where it was set.
-_Layer = tuple[dict, Callable[[str], str]]
+# Keys that had one allowed value, the bitsandbytes layout qlora-kit reads and writes. The
+# recipe.yaml of an adapter trained earlier still sets them (and `qlora-kit merge` loads it), so
+# that value loads with a warning; any other is an error.
+_RETIRED: dict[str, Any] = {
+    "quantization.quant_type": "nf4",
+    "quantization.double_quant": True,
+    "quantization.blocksize": 64,
+}
+
+# A layer is one source of values: its nested dict, a function key -> where it was set, and the
+# folder of its recipe file (None for a command-line override), which relative paths fall back to.
+_Layer = tuple[dict, Callable[[str], str], Path | None]
 
 
-def load_recipe(path: str | Path, overrides: Sequence[str] = ()) -> Recipe:
+def load_recipe(path: str | Path, overrides: Sequence[str] = (), check_files: bool = False) -> Recipe:
     """Load ``path`` (following ``extends:``), apply ``key=value`` overrides, validate.
 
     Precedence: base recipes < this file < overrides. Raises RecipeError on any problem.
+    Relative input paths resolve as :mod:`qlora_kit.paths` says; with ``check_files`` (what
+    the CLI does before a run) a missing input file raises MissingFileError naming its key.
     """
     layers = _read_chain(Path(path), ()) + [_parse_override(text) for text in overrides]
-    cfg, origins = OmegaConf.structured(Recipe), {}
-    for data, locate in layers:
+    cfg, origins, folders = OmegaConf.structured(Recipe), {}, {}
+    for data, locate, folder in layers:
+        _drop_retired(data, locate)
         _check_keys(data, _DEFAULTS, "", locate)
         try:
             cfg = OmegaConf.merge(cfg, data)
@@ -240,6 +306,7 @@ def load_recipe(path: str | Path, overrides: Sequence[str] = ()) -> Recipe:
             key = e.full_key or ""
             raise RecipeError(f"{locate(key)}: invalid value for '{key}': {str(e).splitlines()[0]}") from None
         origins.update({key: locate(key) for key in _leaf_keys(data, "")})
+        folders.update({key: folder for key in _leaf_keys(data, "")})
 
     def where(key: str) -> str:
         return origins.get(key, str(path))
@@ -254,6 +321,7 @@ def load_recipe(path: str | Path, overrides: Sequence[str] = ()) -> Recipe:
     except OmegaConfBaseException as e:  # e.g. a ${...} interpolation that does not resolve
         raise RecipeError(f"{where(e.full_key)}: invalid value for '{e.full_key}': {str(e).splitlines()[0]}") from None
     _validate(recipe, where)
+    resolve_paths(recipe, where, {key: folder for key, folder in folders.items() if folder is not None}, check_files)
     return recipe
 
 
@@ -280,13 +348,13 @@ def _read_chain(path: Path, chain: tuple[Path, ...]) -> list[_Layer]:
 
     base = data.pop("extends", None)
     if base is None:
-        return [(data, where)]
+        return [(data, where, path.parent)]
     if not isinstance(base, str):
         raise RecipeError(f"{where('extends')}: 'extends' must be a path, got {base!r}")
     base_path = path.parent / base  # relative to the extending file, not the cwd
     if not base_path.is_file():
         raise RecipeError(f"{where('extends')}: extends: recipe file not found: {base_path}")
-    return _read_chain(base_path, (*chain, path)) + [(data, where)]
+    return _read_chain(base_path, (*chain, path)) + [(data, where, path.parent)]
 
 
 def _read_yaml(path: Path) -> tuple[dict, dict[str, int]]:
@@ -340,7 +408,26 @@ def _parse_override(text: str) -> _Layer:
         raise RecipeError(f"{origin}: cannot parse the value: {getattr(e, 'problem', e)}") from None
     for part in reversed(key.split(".")):
         data = {part: data}
-    return data, lambda _key: origin
+    return data, (lambda _key: origin), None
+
+
+def _drop_retired(data: dict, where: Callable[[str], str]) -> None:
+    """Remove the retired keys from ``data``: their one value with one warning line, else a RecipeError."""
+    dropped = []
+    for key, only in _RETIRED.items():
+        section, _, name = key.partition(".")
+        values = data.get(section)
+        if not isinstance(values, dict) or name not in values:
+            continue
+        value = values.pop(name)
+        if value != only or type(value) is not type(only):
+            raise RecipeError(
+                f"{where(key)}: invalid value {value!r} for '{key}' — the base weights are always NF4 with double "
+                f"quantization in blocks of 64 (the bitsandbytes layout); '{key}' is deprecated: remove it"
+            )
+        dropped.append(key)
+    if dropped:
+        log.warning("%s: deprecated keys with no effect, remove them: %s", where(dropped[0]), ", ".join(dropped))
 
 
 def _check_keys(data: dict, schema: dict, prefix: str, where: Callable[[str], str]) -> None:
@@ -425,3 +512,57 @@ def _validate(recipe: Recipe, where: Callable[[str], str]) -> None:
             f"{where('qat.bits')}: invalid value {recipe.qat.bits!r} for "
             "'qat.bits' — qat.format nf4 is a 4-bit format, so bits must be 4"
         )
+    if t.method != "sft":
+        _validate_preference(recipe, where)
+
+
+def _validate_preference(recipe: Recipe, where: Callable[[str], str]) -> None:
+    """The preference section against training.method and the data section (dpo and orpo only)."""
+    method, p, d = recipe.training.method, recipe.preference, recipe.data
+
+    def refuse(key: str, why: str) -> None:
+        raise RecipeError(f"{where(key)}: '{key}' {why}")
+
+    if d.packing:
+        refuse(
+            "data.packing",
+            f"cannot be true with training.method {method}: a preference pair is scored as two "
+            "whole rows (prompt + chosen, prompt + rejected), which packing would merge; set data.packing=false",
+        )
+    if d.format not in ("auto", "preference"):
+        refuse(
+            "data.format",
+            f"is {d.format!r}, but training.method {method} reads prompt/chosen/rejected pairs: "
+            "set data.format to auto or preference",
+        )
+    if method == "dpo" and d.train_on_prompt:
+        refuse("data.train_on_prompt", "applies to ORPO's NLL term; DPO scores the answers only: set it to false")
+    if p.max_prompt_len is not None and p.max_prompt_len >= d.max_seq_len:
+        refuse(
+            "preference.max_prompt_len",
+            f"({p.max_prompt_len}) must be below data.max_seq_len ({d.max_seq_len}), "
+            "which leaves no room for the answers",
+        )
+    if method == "orpo":
+        for key, value, default in (
+            ("preference.loss_type", p.loss_type, "sigmoid"),
+            ("preference.reference_adapter", p.reference_adapter, None),
+            ("preference.precompute_reference", p.precompute_reference, False),
+            ("preference.label_smoothing", p.label_smoothing, 0.0),
+        ):
+            if value != default:
+                refuse(
+                    key,
+                    f"is {value!r}, but ORPO has no reference model and one loss: leave it at {default!r} "
+                    "or use training.method=dpo",
+                )
+        return
+    if p.reference_adapter is not None and not p.precompute_reference:
+        refuse(
+            "preference.reference_adapter",
+            "needs preference.precompute_reference=true: the one NF4 base in "
+            "memory holds one set of adapters, so the reference adapter's log-probabilities are computed once, "
+            "before training",
+        )
+    if p.loss_type == "exo_pair" and p.label_smoothing == 0:
+        refuse("preference.label_smoothing", "must be > 0 for preference.loss_type exo_pair (its target is 1 - it)")

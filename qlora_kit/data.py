@@ -5,7 +5,10 @@ A recipe's ``data`` section names files (or hub datasets) in one of four formats
 - ``messages``: a list of ``{"role", "content"}`` chat messages per row;
 - ``prompt_completion``: ``prompt`` and ``completion``, each a string or a list of chat messages;
 - ``alpaca``: ``instruction``, optional ``input``, and ``output``;
-- ``text``: plain ``text``, trained on every token, without a chat template.
+- ``text``: plain ``text``, trained on every token, without a chat template;
+- ``preference``: TRL's ``prompt``/``chosen``/``rejected`` pairs. DPO and ORPO read them as
+  pairs (:mod:`qlora_kit.preference_data`); here, for SFT, calibration and evaluation, a pair is
+  its prompt followed by the chosen answer.
 
 Every chat row is rendered with the tokenizer's chat template. With ``train_on_prompt``
 false the loss sees only the assistant responses, each with the end-of-turn token that
@@ -30,7 +33,7 @@ import torch
 from torch.nn.utils.rnn import pad_sequence
 from trl.data_utils import pack_dataset
 
-from qlora_kit.errors import UserInputError
+from qlora_kit.errors import MissingFileError, UserInputError
 
 logger = logging.getLogger(__name__)
 
@@ -41,13 +44,15 @@ _REQUIRED_COLUMNS = {
     "prompt_completion": {"prompt", "completion"},
     "alpaca": {"instruction", "output"},
     "text": {"text"},
+    "preference": {"chosen", "rejected"},
 }
 FORMATS = tuple(_REQUIRED_COLUMNS)
 ROLES = ("system", "user", "assistant")
 _BUILDERS = {".jsonl": "json", ".json": "json", ".csv": "csv", ".parquet": "parquet"}
 _ACCEPTED_COLUMNS = (
     "'messages' (messages); 'prompt' + 'completion' (prompt_completion); "
-    "'instruction' + 'output', optional 'input' (alpaca); 'text' (text)"
+    "'instruction' + 'output', optional 'input' (alpaca); 'text' (text); "
+    "'chosen' + 'rejected', optional 'prompt' (preference)"
 )
 
 
@@ -58,16 +63,20 @@ class DataError(UserInputError):
 def load_rows(source: str, split: str = "train") -> datasets.Dataset:
     """Load the raw rows of a local file (by extension), a local folder, or a hub dataset.
 
-    Raises FileNotFoundError for a missing local file and DataError naming the file when it
-    cannot be read (with the line number when it is not valid JSON).
+    Raises MissingFileError (a FileNotFoundError) for a missing local file and DataError
+    naming the file when it cannot be read (with the line number when it is not valid JSON).
     """
     path = Path(source)
+    if path.suffix.lower() in _BUILDERS and path.is_dir():
+        raise DataError(f"{source} is a folder, not a {path.suffix} file")
     if path.suffix.lower() in _BUILDERS and not path.is_file():
-        raise FileNotFoundError(f"data file not found: {source}")
+        raise MissingFileError(f"data file not found: {source} (looked for {path.absolute()})")
     if path.is_file():
         builder = _BUILDERS.get(path.suffix.lower())
         if builder is None:
             raise DataError(f"{source}: unsupported file type; use one of {', '.join(_BUILDERS)}")
+        if _is_blank(path):
+            raise DataError(f"{source}: the file is empty")
         try:
             return datasets.load_dataset(builder, data_files=str(path), split="train", **_csv_options(path))
         except Exception as e:  # datasets wraps parser errors several layers deep
@@ -77,6 +86,12 @@ def load_rows(source: str, split: str = "train") -> datasets.Dataset:
         return datasets.load_dataset(source, split=split)
     except Exception as e:
         raise DataError(f"cannot load dataset {source!r} (split {split!r}): {_root_cause(e)}") from e
+
+
+def _is_blank(path: Path, peek: int = 1 << 16) -> bool:
+    """Whether a file holds nothing but whitespace (checked for files up to ``peek`` bytes)."""
+    size = path.stat().st_size
+    return size == 0 or (size <= peek and not path.read_bytes().strip())
 
 
 def _csv_options(path: Path) -> dict[str, Any]:
@@ -160,6 +175,11 @@ def to_messages(row: dict[str, Any], fmt: str, system_prompt: str | None = None)
         # Alpaca's own prompt puts the input below the instruction; an empty input means none.
         user = f"{instruction}\n\n{extra}" if extra and extra.strip() else instruction
         messages = [{"role": "user", "content": user}, {"role": "assistant", "content": _string(row, "output")}]
+    elif fmt == "preference":
+        from qlora_kit.preference_data import pair_messages  # it builds on this module
+
+        prompt, chosen, _ = pair_messages(row)
+        messages = prompt + chosen
     else:
         raise DataError(f"unknown data format {fmt!r}; expected one of {', '.join(FORMATS)}")
 
@@ -254,7 +274,7 @@ def _response_spans(messages: list[dict[str, str]], tokenizer: Any, text: str) -
         before = tokenizer.apply_chat_template(messages[:i], tokenize=False, add_generation_prompt=True)
         through = tokenizer.apply_chat_template(messages[: i + 1], tokenize=False)
         if not (text.startswith(before) and text.startswith(through)):
-            raise ValueError(
+            raise DataError(
                 "the tokenizer's chat template renders a conversation differently from its prefixes, "
                 "so the assistant turns cannot be located; use train_on_prompt=true or another template"
             )
@@ -307,7 +327,10 @@ def build_datasets(data_cfg: Any, tokenizer: Any, seed: int) -> SFTData:
         validation, more = _tokenized(data_cfg.validation, data_cfg, tokenizer)
         skipped += more
     elif data_cfg.validation_split:
-        parts = train.train_test_split(test_size=data_cfg.validation_split, seed=seed)
+        try:
+            parts = train.train_test_split(test_size=data_cfg.validation_split, seed=seed)
+        except ValueError as e:  # too few examples to split
+            raise DataError(f"{data_cfg.train}: data.validation_split={data_cfg.validation_split}: {e}") from None
         train, validation = parts["train"], parts["test"]
     if data_cfg.packing:
         train = pack(train, data_cfg.max_seq_len)
@@ -315,6 +338,7 @@ def build_datasets(data_cfg: Any, tokenizer: Any, seed: int) -> SFTData:
     test = None
     if data_cfg.test:
         test, more = test_examples(data_cfg.test, data_cfg)
+        require_chat_template(tokenizer, data_cfg.test)  # test prompts are rendered through it
         skipped += more
     return SFTData(train=train, validation=validation, test=test, skipped=skipped)
 
@@ -344,8 +368,19 @@ def _converted(source: str, data_cfg: Any) -> tuple[list[list[dict[str, str]] | 
     return examples, skipped
 
 
+def require_chat_template(tokenizer: Any, source: str) -> None:
+    """Raise DataError when chat rows from ``source`` meet a tokenizer that has no chat template."""
+    if getattr(tokenizer, "chat_template", None) is None:
+        raise DataError(
+            f"{source}: the rows are chat messages, but the model's tokenizer has no chat template; "
+            "use a chat (instruct) model, or plain text rows (data.format: text)"
+        )
+
+
 def _tokenized(source: str, data_cfg: Any, tokenizer: Any) -> tuple[datasets.Dataset, int]:
     examples, skipped = _converted(source, data_cfg)
+    if not isinstance(examples[0], str):
+        require_chat_template(tokenizer, source)
     rows = [tokenize_example(e, tokenizer, data_cfg.max_seq_len, data_cfg.train_on_prompt) for e in examples]
     # Truncation can cut a response away entirely; such a row has nothing to learn from.
     kept = [row for row in rows if any(label != IGNORE_INDEX for label in row["labels"])]
@@ -388,7 +423,7 @@ class DataCollator:
     def __init__(self, tokenizer: Any) -> None:
         pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
         if pad_id is None:
-            raise ValueError("the tokenizer has neither a pad token nor an EOS token to pad with")
+            raise DataError("the model's tokenizer has neither a pad token nor an EOS token to pad with")
         self.pad_token_id = pad_id
 
     def __call__(self, rows: list[dict[str, list[int]]]) -> dict[str, Any]:

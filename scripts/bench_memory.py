@@ -14,11 +14,13 @@ each decoder layer's LoRA tensors inside backward so their gradients never coexi
 `offload` = training.offload_activations + offload_embeddings, checkpointed layer inputs
 and the input embedding table live in CPU memory; `adapters` = training.offload_adapters,
 the LoRA weights live in CPU memory and a layer's come to the GPU in bf16 while it runs).
+Our sides are recipes/bench.yaml with this benchmark's settings (BASE), the levers' recipe keys
+and the command line's key=value overrides, built by the builder train() uses.
 
     python scripts/bench_memory.py                                   # LLaMA-65B shape, ours
     python scripts/bench_memory.py --side stock,ours-plain,ours --json mem.json
     python scripts/bench_memory.py --side ours --levers oib --layers 20   # one lever, fewer layers
-    python scripts/bench_memory.py --shape llama-2-70b --seq 4096    # the stretch target
+    python scripts/bench_memory.py --shape llama-2-70b data.max_seq_len=4096    # the stretch target
 """
 
 from __future__ import annotations
@@ -30,9 +32,19 @@ import time
 from pathlib import Path
 
 import torch
-from bench_train import build_ours, build_stock
+from bench_common import bench_recipe, build_ours, make_optimizer
+from bench_train import build_stock
 
 from qlora_kit.model.build import SHAPES, llama_config
+
+# This benchmark's settings over recipes/bench.yaml: the QLoRA paper's r=64, one sequence of 2048.
+BASE = ["lora.r=64", "lora.alpha=128", "data.max_seq_len=2048", "training.batch_size=1"]
+# --levers: the recipe keys each lever sets on the ours side.
+LEVERS = {
+    "oib": ["training.optimizer_in_backward=true"],
+    "offload": ["training.offload_activations=true", "training.offload_embeddings=true"],
+    "adapters": ["training.offload_adapters=true"],
+}
 
 
 def _bytes(tensors) -> int:
@@ -40,39 +52,41 @@ def _bytes(tensors) -> int:
 
 
 def run(side: str, config, args) -> dict:
-    import bitsandbytes as bnb
-
     levers = set(args.levers.split(",")) if side == "ours" else set()
+    recipe = bench_recipe([*BASE, *args.overrides, *(key for lever in sorted(levers) for key in LEVERS[lever])])
+    batch, seq = recipe.training.batch_size, recipe.data.max_seq_len
 
     gc.collect()
     torch.cuda.empty_cache()
     torch.cuda.reset_peak_memory_stats()
     start = time.perf_counter()
     if side == "stock":
-        model, step_loss = build_stock(config, args.rank, True)
+        import bitsandbytes as bnb
+
+        model, step_loss = build_stock(config, recipe.lora.r, True)
+        optimizer = bnb.optim.PagedAdamW8bit([p for p in model.parameters() if p.requires_grad], lr=1e-4)
     else:
-        model, step_loss = build_ours(config, args.rank, True, offload=side == "ours" and "offload" in levers)
+        built = build_ours(recipe, config, total_steps=args.steps)
+        model, optimizer = built.model, make_optimizer(built, recipe)
+
+        def step_loss(ids, model=model):
+            return model(input_ids=ids, labels=ids)["loss"]
+
     torch.cuda.synchronize()
     build_s = time.perf_counter() - start
     lora = [p for p in model.parameters() if p.requires_grad]
     frozen = [t for t in [*model.parameters(), *model.buffers()] if not t.requires_grad and t.is_cuda]
     parts = {"frozen weights (NF4 + constants, embeddings, norms)": _bytes(frozen), "LoRA weights": _bytes(lora)}
-    if "oib" in levers:
-        from qlora_kit.pipelines.optim import optimizer_in_backward
-
-        # One optimizer per decoder layer, each stepped by a gradient hook inside backward.
-        dummy, _ = optimizer_in_backward(model, "paged_adamw_8bit", 1e-4, 0.0, offload_adapters="adapters" in levers)
-        optimizers = list(dummy.optimizer_dict.values())
-        parts["LoRA weights"] = _bytes(p for p in model.parameters() if p.requires_grad)  # 0 when offloaded
-    else:
-        optimizers = [bnb.optim.PagedAdamW8bit(lora, lr=1e-4)]
+    # With optimizer_in_backward: one optimizer per decoder layer, each stepped by a gradient hook inside backward.
+    optimizers = list(getattr(optimizer, "optimizer_dict", {}).values()) or [optimizer]
+    in_backward = "oib" in levers
     g = torch.Generator("cuda").manual_seed(1)
     step_times, losses = [], []
     after_build = torch.cuda.memory_allocated()
     torch.cuda.reset_peak_memory_stats()
     peak, forward_peak, reserved = 0, 0, 0
     for _ in range(args.steps):
-        ids = torch.randint(0, config.vocab_size, (args.batch, args.seq), device="cuda", generator=g)
+        ids = torch.randint(0, config.vocab_size, (batch, seq), device="cuda", generator=g)
         torch.cuda.synchronize()
         t0 = time.perf_counter()
         torch.cuda.reset_peak_memory_stats()
@@ -81,7 +95,7 @@ def run(side: str, config, args) -> dict:
         forward_peak = max(forward_peak, torch.cuda.max_memory_allocated())
         loss.backward()
         parts["gradients (left after backward)"] = _bytes(p.grad for p in lora if p.grad is not None)
-        if "oib" not in levers:
+        if not in_backward:
             optimizers[0].step()
             optimizers[0].zero_grad(set_to_none=True)
         torch.cuda.synchronize()
@@ -102,7 +116,7 @@ def run(side: str, config, args) -> dict:
         "levers": sorted(levers),
         "build_s": build_s,
         "step_s": step,
-        "tokens_per_s": args.batch * args.seq / step,
+        "tokens_per_s": batch * seq / step,
         "peak_allocated": peak,
         "peak_reserved": reserved,
         "parts": parts,
@@ -116,9 +130,6 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--shape", default="llama-65b", choices=sorted(SHAPES))
     parser.add_argument("--layers", type=int, help="override the number of decoder layers")
-    parser.add_argument("--seq", type=int, default=2048)
-    parser.add_argument("--batch", type=int, default=1)
-    parser.add_argument("--rank", type=int, default=64)
     parser.add_argument("--steps", type=int, default=5, help="optimizer steps, warm-up included")
     parser.add_argument("--warmup", type=int, default=2, help="untimed first steps")
     parser.add_argument("--cap-gb", type=float, default=48.0, help="per-process GPU memory cap, GB")
@@ -127,7 +138,14 @@ def main() -> None:
         "--levers", default="oib,offload,adapters", help="the ours side's levers: oib, offload, adapters"
     )
     parser.add_argument("--json")
+    parser.add_argument(
+        "overrides",
+        nargs="*",
+        metavar="key=value",
+        help="recipe keys over recipes/bench.yaml and this benchmark's settings, e.g. data.max_seq_len=4096",
+    )
     args = parser.parse_args()
+    recipe = bench_recipe([*BASE, *args.overrides])  # checked before anything is built
     total = torch.cuda.get_device_properties(0).total_memory
     torch.cuda.set_per_process_memory_fraction(min(1.0, args.cap_gb * 1e9 / total))
     config = llama_config(args.shape, **({"num_hidden_layers": args.layers} if args.layers else {}))
@@ -135,9 +153,10 @@ def main() -> None:
         "device": torch.cuda.get_device_name(),
         "shape": args.shape,
         "layers": config.num_hidden_layers,
-        "seq": args.seq,
-        "batch": args.batch,
-        "rank": args.rank,
+        "seq": recipe.data.max_seq_len,
+        "batch": recipe.training.batch_size,
+        "rank": recipe.lora.r,
+        "overrides": args.overrides,
         "cap_gb": args.cap_gb,
         "sides": {},
     }
@@ -157,7 +176,8 @@ def main() -> None:
 
     gb = 1e-9
     print(
-        f"\n{args.shape} ({config.num_hidden_layers} layers), seq {args.seq}, batch {args.batch}, LoRA r={args.rank}, "
+        f"\n{args.shape} ({config.num_hidden_layers} layers), seq {results['seq']}, batch {results['batch']}, "
+        f"LoRA r={results['rank']}, "
         f"cap {args.cap_gb:.0f} GB, {results['device']}"
     )
     for side, r in results["sides"].items():

@@ -3,7 +3,7 @@
 One process per GPU, started by torchrun:
 
     torchrun --nproc_per_node 2 scripts/bench_multi_gpu.py --json multi_gpu.json
-    torchrun --nproc_per_node 2 scripts/bench_multi_gpu.py --part fsdp --rank 64
+    torchrun --nproc_per_node 2 scripts/bench_multi_gpu.py --part fsdp lora.r=64 training.offload_activations=true
     torchrun --nproc_per_node 2 scripts/bench_multi_gpu.py --dry-run     # the whole path on the CPU (gloo), tiny shapes
 
 ddp: the Llama-3-8B shape with random NF4 weights, LoRA on every linear, fused ops,
@@ -38,19 +38,17 @@ import gc  # noqa: E402
 import json  # noqa: E402
 import statistics  # noqa: E402
 import time  # noqa: E402
+import types  # noqa: E402
 from contextlib import nullcontext  # noqa: E402
 from pathlib import Path  # noqa: E402
 
 import torch  # noqa: E402
 import torch.distributed as dist  # noqa: E402
+from bench_common import bench_recipe, build_ours, make_optimizer  # noqa: E402
 from torch import nn  # noqa: E402
 
-from qlora_kit.model.adapters import add_lora  # noqa: E402
-from qlora_kit.model.build import SHAPES, build_random_quantized, llama_config  # noqa: E402
-from qlora_kit.model.fsdp import nf4_storage_bytes, shard_model  # noqa: E402
-from qlora_kit.model.fused import use_fused_ops  # noqa: E402
-from qlora_kit.model.offload import use_offloaded_checkpointing  # noqa: E402
-from qlora_kit.model.sft import SFTModel  # noqa: E402
+from qlora_kit.model.build import SHAPES, llama_config  # noqa: E402
+from qlora_kit.model.fsdp import nf4_storage_bytes  # noqa: E402
 
 # For --dry-run: a few small layers, so the whole script runs on the CPU in seconds.
 TINY = dict(
@@ -73,33 +71,16 @@ def model_config(shape: str, layers: int | None):
     return llama_config(shape, **overrides)
 
 
-def build(
-    config, device: torch.device, rank: int, keep_on: str | None = None, offload_activations: bool = False
-) -> tuple[nn.Module, SFTModel]:
-    """The model the train pipeline builds: random NF4 weights, LoRA on every linear, fused ops, checkpointing."""
-    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
-    lm = build_random_quantized(config, device, dtype, progress=False, keep_on=keep_on)
-    torch.manual_seed(0)  # the same LoRA initialisation in every process (FSDP broadcasts nothing)
-    add_lora(lm, rank, 2 * rank)
-    use_fused_ops(lm)
-    lm.config.use_cache = False
-    lm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    if offload_activations:
-        use_offloaded_checkpointing(lm)
-    return lm, SFTModel(lm).train()
+def build(args, config, device: torch.device, batch: int, sharded: bool = False):
+    """The train pipeline's model for recipes/bench.yaml + the command line's overrides (one batch size per part).
 
-
-def make_optimizer(model: nn.Module, device: torch.device, sharded: bool, lr: float) -> torch.optim.Optimizer:
-    """bitsandbytes' PagedAdamW8bit where it imports (it cannot step FSDP's DTensors), else torch AdamW."""
-    params = [p for p in model.parameters() if p.requires_grad]
-    if device.type == "cuda" and not sharded:
-        try:
-            import bitsandbytes as bnb
-        except ImportError:
-            pass
-        else:
-            return bnb.optim.PagedAdamW8bit(params, lr=lr)
-    return torch.optim.AdamW(params, lr=lr)
+    Under ``sharded`` it is built in CPU memory and sharded over the processes as an FSDP launch does.
+    Returns the built model and its optimizer.
+    """
+    recipe = bench_recipe([*args.overrides, f"training.batch_size={batch}"])
+    fsdp = types.SimpleNamespace(reshard_after_forward=True) if sharded else None
+    built = build_ours(recipe, config, device, processes=dist.get_world_size(), fsdp=fsdp)
+    return built, recipe
 
 
 def sync(device: torch.device) -> None:
@@ -151,11 +132,10 @@ def ddp_part(args, device: torch.device) -> dict:
 
     config = model_config(args.ddp_shape, args.layers)
     autocast = device.type == "cuda"
-    lm, model = build(config, device, args.rank)
+    built, recipe = build(args, config, device, args.ddp_batch)
+    model = built.model
     reset_memory(device)
-    alone = timed_steps(
-        model, make_optimizer(model, device, False, args.lr), config, args, args.ddp_batch, device, autocast
-    )
+    alone = timed_steps(model, make_optimizer(built, recipe), config, args, args.ddp_batch, device, autocast)
     alone.update(peak_memory(device))
     dist.barrier()
 
@@ -167,7 +147,7 @@ def ddp_part(args, device: torch.device) -> dict:
         broadcast_buffers=False,
         find_unused_parameters=False,
     )
-    optimizer = make_optimizer(ddp, device, False, args.lr)
+    optimizer = make_optimizer(built, recipe)
     together = timed_steps(ddp, optimizer, config, args, args.ddp_batch, device, autocast)
     together.update(peak_memory(device))
     result = {
@@ -178,7 +158,7 @@ def ddp_part(args, device: torch.device) -> dict:
         "alone": alone,
         "ddp": together,
     }
-    del optimizer, ddp, model, lm
+    del optimizer, ddp, model, built
     reset_memory(device)
     return result
 
@@ -186,13 +166,13 @@ def ddp_part(args, device: torch.device) -> dict:
 def fsdp_part(args, device: torch.device) -> dict:
     config = model_config(args.fsdp_shape, args.layers)
     start = time.perf_counter()
-    lm, model = build(config, device, args.rank, keep_on="cpu", offload_activations=args.offload_activations)
-    shard_model(model, lm.model.layers)
+    built, recipe = build(args, config, device, args.fsdp_batch, sharded=True)
+    model = built.model
     build_s = time.perf_counter() - start
-    local, total = nf4_storage_bytes(lm)
+    local, total = nf4_storage_bytes(built.lm)
     reset_memory(device)
     weights = torch.cuda.memory_allocated(device) if device.type == "cuda" else None
-    optimizer = make_optimizer(model, device, True, args.lr)
+    optimizer = make_optimizer(built, recipe, sharded=True)
     result = timed_steps(model, optimizer, config, args, args.fsdp_batch, device, autocast=False)
     result.update(
         peak_memory(device),
@@ -202,7 +182,7 @@ def fsdp_part(args, device: torch.device) -> dict:
         after_build=weights,
         optimizer=type(optimizer).__name__,
     )
-    del optimizer, model, lm
+    del optimizer, model, built
     reset_memory(device)
     return {"shape": args.fsdp_shape, "layers": config.num_hidden_layers, "batch": args.fsdp_batch, **result}
 
@@ -245,7 +225,7 @@ def print_report(results: dict, args) -> None:
         tokens = world * args.seq * r0["batch"] / step
         print(
             f"\nFSDP: {r0['shape']} ({r0['layers']} layers), batch {r0['batch']} per GPU, {r0['optimizer']}"
-            f"{', activations offloaded' if args.offload_activations else ''}, built and sharded in {r0['build_s']:.0f} s"
+            f"{', activations offloaded' if args.offload_activations else ''}, built and sharded in {r0['build_s']:.1f} s"
         )
         print(
             f"{'GPU':5}{'NF4 GiB held':>14}{'of GiB':>8}{'share':>7}{'after build GiB':>17}{'peak GiB':>10}"
@@ -275,34 +255,32 @@ def main() -> None:
     parser.add_argument("--ddp-shape", default="llama-3-8b", choices=shapes)
     parser.add_argument("--fsdp-shape", default="llama-2-70b", choices=shapes)
     parser.add_argument("--layers", type=int, help="override the number of decoder layers of both shapes")
-    parser.add_argument("--seq", type=int, default=2048)
     parser.add_argument("--ddp-batch", type=int, default=4, help="sequences per GPU per step")
     parser.add_argument("--fsdp-batch", type=int, default=1, help="sequences per GPU per step")
-    parser.add_argument("--rank", type=int, default=16, help="LoRA rank")
     parser.add_argument("--steps", type=int, default=5)
     parser.add_argument("--warmup", type=int, default=2)
-    parser.add_argument("--lr", type=float, default=1e-4)
-    parser.add_argument(
-        "--offload-activations",
-        action="store_true",
-        help="fsdp: keep the gradient checkpoints in CPU memory (training.offload_activations)",
-    )
     parser.add_argument(
         "--dry-run",
         action="store_true",
         help="--device cpu, tiny shapes, seq 64, 2 steps: exercises every code path in seconds",
     )
     parser.add_argument("--json", help="write every process's numbers here (from the first process)")
+    parser.add_argument(
+        "overrides",
+        nargs="*",
+        metavar="key=value",
+        help="recipe keys over recipes/bench.yaml for both parts, e.g. lora.r=64 training.offload_activations=true",
+    )
     args = parser.parse_args()
     if args.dry_run:
-        args.device, args.ddp_shape, args.fsdp_shape, args.seq, args.steps, args.warmup = (
-            "cpu",
-            "tiny",
-            "tiny",
-            64,
-            2,
-            1,
-        )
+        args.device, args.ddp_shape, args.fsdp_shape, args.steps, args.warmup = "cpu", "tiny", "tiny", 2, 1
+        args.overrides = ["data.max_seq_len=64", *args.overrides]
+    recipe = bench_recipe(args.overrides)  # checked before anything is built
+    args.seq, args.rank, args.offload_activations = (
+        recipe.data.max_seq_len,
+        recipe.lora.r,
+        recipe.training.offload_activations,
+    )
     parts = args.part.split(",")
     if set(parts) - {"ddp", "fsdp"}:
         parser.error(f"unknown --part {args.part}")

@@ -21,7 +21,9 @@ import time
 import torch
 
 from qlora_kit.model.build import SHAPES, build_random_quantized, llama_config
-from qlora_kit.pipelines.merge import NF4Weights, QuantSpec, merged_model
+from qlora_kit.pipelines.base_weights import NF4Weights
+from qlora_kit.pipelines.layerwise import merged_model
+from qlora_kit.pipelines.quantize import QuantSpec
 from qlora_kit.quant.intq import IntQuantWeight
 from qlora_kit.quant.packing import pack_awq_gemm, pack_gptq_v1
 

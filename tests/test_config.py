@@ -117,7 +117,7 @@ def test_unknown_key_in_override_and_key_in_the_wrong_section(minimal):
     assert error(minimal, ["lora.rank=8"]) == (
         "command-line override `lora.rank=8`: unknown key 'lora.rank' — did you mean 'lora.r'?"
     )
-    assert "did you mean 'quantization.blocksize'?" in error(minimal, ["model.blocksize=64"])
+    assert "did you mean 'quantization.kernel'?" in error(minimal, ["model.kernel=torch"])
     assert "did you mean" not in error(minimal, ["zzz=1"])
 
 
@@ -169,7 +169,6 @@ def test_missing_required_value(tmp_path, minimal):
             "must be one of: paged_adamw_8bit, paged_adamw_32bit, adamw_8bit, adamw",
         ),
         ("quantization.kernel=cuda", "quantization.kernel", "must be one of: auto, triton, torch"),
-        ("quantization.blocksize=128", "quantization.blocksize", "must be one of: 64"),
         ("model.compute_dtype=fp16", "model.compute_dtype", "bfloat16, float16, float32"),
         ("qat.activation_bits=4", "qat.activation_bits", "must be one of: null, 8"),
         ("lora.r=0", "lora.r", "must be > 0"),
@@ -178,6 +177,8 @@ def test_missing_required_value(tmp_path, minimal):
         ("data.validation_split=1.0", "data.validation_split", "must be in [0, 1)"),
         ("data.validation_split=-0.1", "data.validation_split", "must be in [0, 1)"),
         ("training.max_steps=0", "training.max_steps", "-1 (use epochs) or > 0"),
+        ("eval.max_new_tokens=0", "eval.max_new_tokens", "must be null or > 0"),
+        ("eval.match=regex", "eval.match", "must be one of: exact, normalized, json"),
         ("qat.bits=3", "qat.bits", "bits must be 4"),  # only with qat.format=nf4, below
     ],
 )
@@ -186,6 +187,30 @@ def test_invalid_choice_or_range_from_override(minimal, override, key, expected)
     message = error(minimal, overrides)
     assert message.startswith(f"command-line override `{override}`: invalid value ")
     assert f"for '{key}'" in message and expected in message
+
+
+def test_retired_quantization_keys_load_with_one_warning_line(tmp_path, caplog):
+    """An older adapter's recipe.yaml sets them to their only value; any other value is an error."""
+    old = write(
+        tmp_path / "old.yaml",
+        "data: {train: t.jsonl}\nquantization:\n  quant_type: nf4\n  double_quant: true\n  blocksize: 64\n",
+    )
+    with caplog.at_level("WARNING", logger="qlora_kit.config"):
+        recipe = load_recipe(old)
+    assert recipe == Recipe(data=DataSection(train="t.jsonl"))
+    assert [r.getMessage() for r in caplog.records] == [
+        f"{old}:3: deprecated keys with no effect, remove them: "
+        "quantization.quant_type, quantization.double_quant, quantization.blocksize"
+    ]
+    assert "quantization.blocksize" not in recipe_to_dict(recipe)["quantization"]
+    assert error(old, ["quantization.blocksize=128"]) == (
+        "command-line override `quantization.blocksize=128`: invalid value 128 for 'quantization.blocksize' — "
+        "the base weights are always NF4 with double quantization in blocks of 64 (the bitsandbytes layout); "
+        "'quantization.blocksize' is deprecated: remove it"
+    )
+    bad = write(tmp_path / "bad.yaml", "data: {train: t.jsonl}\nquantization:\n  double_quant: false\n")
+    assert error(bad).startswith(f"{bad}:3: invalid value False for 'quantization.double_quant'")
+    assert "'quantization.quant_type'" in error(old, ["quantization.quant_type=fp4"])
 
 
 def test_invalid_choice_in_file_names_its_line(tmp_path):

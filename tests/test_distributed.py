@@ -3,11 +3,14 @@
 import json
 from pathlib import Path
 
+import pytest
 import torch
 from safetensors.torch import load_file
 
 from qlora_kit.model.adapters import ADAPTER_WEIGHTS
 from qlora_kit.pipelines.train import train
+
+pytestmark = pytest.mark.slow  # trains, and launches two processes
 
 
 def test_two_processes_all_reduce_the_adapters(

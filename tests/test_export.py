@@ -1,4 +1,4 @@
-"""Exported GPTQ v1 / AWQ gemm / bf16 checkpoints, read back by a reader written from formats.md.
+"""Exported GPTQ v1 / AWQ gemm / bf16 checkpoints, read back by a reader written from docs/formats.md.
 
 The quantized weights come from the real driver (merge + GPTQ / AWQ on a tiny random
 Llama); the reader below uses numpy bit operations only, not qlora_kit.quant.packing.
@@ -14,9 +14,10 @@ import torch
 from safetensors import safe_open
 from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
 
-from qlora_kit.model.adapters import add_lora, lora_modules, peft_config, save_adapter
+from qlora_kit.model.adapters import add_lora, lora_modules, peft_config, read_adapter, save_adapter
 from qlora_kit.model.load import load_quantized
 from qlora_kit.model.sources import load_config, resolve_source
+from qlora_kit.pipelines.base_weights import NF4Weights
 from qlora_kit.pipelines.export import (
     CheckpointWriter,
     ExportError,
@@ -24,7 +25,8 @@ from qlora_kit.pipelines.export import (
     gptq_quantization_config,
     marlin_problems,
 )
-from qlora_kit.pipelines.merge import NF4Weights, QuantSpec, merged_model, read_adapter
+from qlora_kit.pipelines.layerwise import merged_model
+from qlora_kit.pipelines.quantize import QuantSpec
 from qlora_kit.quant.intq import IntQuantWeight
 
 AWQ_ORDER = [0, 2, 4, 6, 1, 3, 5, 7]
@@ -46,7 +48,7 @@ def nibbles(words: np.ndarray) -> np.ndarray:
 
 
 def read_gptq_v1(t: dict) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-    """formats.md: qweight [K/8, N], input channel 8*row+j in bits 4j..; qzeros [G, N/8] packed along N,
+    """docs/formats.md: qweight [K/8, N], input channel 8*row+j in bits 4j..; qzeros [G, N/8] packed along N,
     storing zero - 1; scales [G, N]. Returns q [N, K], zero [N, G], scale [N, G], g_idx [K]."""
     qweight, qzeros = t["qweight"].numpy(), t["qzeros"].numpy()
     k8, n = qweight.shape
@@ -56,7 +58,7 @@ def read_gptq_v1(t: dict) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarra
 
 
 def read_awq_gemm(t: dict) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """formats.md: qweight [K, N/8], nibble i of word c holds output column 8c + order[i]; raw zeros."""
+    """docs/formats.md: qweight [K, N/8], nibble i of word c holds output column 8c + order[i]; raw zeros."""
 
     def unpack(words):
         nib = nibbles(words)  # [rows, c, i]
@@ -171,7 +173,7 @@ def test_independent_reader_recovers_what_we_quantized(tmp_path, tiny, case):
 
 
 def packed_layout(fmt: str, n: int, k: int, group_size: int) -> dict:
-    """formats.md's tables: tensor -> (shape, dtype) for a Linear [N, K]."""
+    """docs/formats.md's tables: tensor -> (shape, dtype) for a Linear [N, K]."""
     g = k // group_size
     if fmt == "gptq":
         return {
@@ -195,7 +197,7 @@ def test_names_shapes_and_dtypes_are_what_loaders_expect(tmp_path, tiny, fmt):
     out = tmp_path / "out"
     files = read_checkpoint(out)
 
-    # Every stock parameter name, each linear's .weight replaced by its packed tensors (formats.md).
+    # Every stock parameter name, each linear's .weight replaced by its packed tensors (docs/formats.md).
     config = tiny["config"]
     stock = LlamaForCausalLM(config).state_dict()
     expected = {}

@@ -1,8 +1,8 @@
 """Fake-quant with the straight-through estimator, and QAT on the LoRA linear.
 
 Forward values are checked bit for bit against the exporters (intq.rtn_quantize, the NF4
-reference); gradients against the STE written out by hand from the exporters' stored
-group parameters, in float64.
+reference), the STE pass mask against one written out by hand from the exporters' stored
+group parameters, and the QAT linear's gradients against the STE chain rule in float64.
 """
 
 import pytest
@@ -10,14 +10,10 @@ import torch
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from qlora_kit.modules.fake_quant import (
-    FakeQuantConfig,
-    fake_quantize_activation,
-    fake_quantize_weight,
-    quantize_dequantize_weight,
-)
-from qlora_kit.modules.lora import LoRALinear, cached_qat_weights, enable_qat, set_qat_active
+from qlora_kit.modules.fake_quant import FakeQuantConfig, quantize_dequantize_activation, quantize_dequantize_weight
+from qlora_kit.modules.lora import LoRALinear
 from qlora_kit.modules.nf4_linear import NF4Linear
+from qlora_kit.modules.qat_lora import QATLoRALinear, cached_qat_weights, enable_qat, set_qat_active
 from qlora_kit.quant.intq import rtn_quantize
 from qlora_kit.quant.nf4 import dequantize_nf4_reference, quantize_nf4, quantize_nf4_reference
 
@@ -36,7 +32,7 @@ def _rtn(w, cfg):
     qw = rtn_quantize(w.float(), cfg.bits, cfg.group_size, cfg.symmetric)
     g_idx = qw.g_idx.long()
     scale, zero = qw.scale[:, g_idx], qw.zero.float()[:, g_idx]
-    # formats.md: q = clamp(round(w/scale) + zero, 0, 2^bits-1). Clipped: the clamp moved the
+    # docs/formats.md: q = clamp(round(w/scale) + zero, 0, 2^bits-1). Clipped: the clamp moved the
     # code in a group whose grid does not reach its own range, i.e. whose zero the
     # asymmetric grid had to clamp (the symmetric grid always reaches +-max|w|).
     maxq = 2**cfg.bits - 1
@@ -66,15 +62,12 @@ INT_CONFIGS = [
 
 
 @pytest.mark.parametrize("cfg", INT_CONFIGS, ids=str)
-def test_int_forward_is_the_exporter_grid_and_grad_is_masked(cfg):
-    w = _weight().requires_grad_()
-    w_q = fake_quantize_weight(w, cfg)
-    ref, mask = _rtn(w.detach(), cfg)
+def test_int_forward_is_the_exporter_grid_and_mask_is_the_clip_mask(cfg):
+    w = _weight()
+    w_q, keep = quantize_dequantize_weight(w, cfg)
+    ref, mask = _rtn(w, cfg)
     assert torch.equal(w_q, ref)
-
-    grad_out = torch.randn_like(w_q)
-    w_q.backward(grad_out)
-    assert torch.equal(w.grad, grad_out * mask)
+    assert torch.equal(torch.ones_like(mask) if keep is None else keep, mask)
 
 
 @pytest.mark.parametrize("symmetric", [True, False])
@@ -98,7 +91,8 @@ def test_int_clip_mask_is_where_the_docstring_says(symmetric):
 def test_int_bf16_weight_keeps_its_dtype():
     cfg = FakeQuantConfig("int", 4, 32, False)
     w = _weight().bfloat16()
-    assert torch.equal(fake_quantize_weight(w, cfg), rtn_quantize(w, 4, 32, False).dequantize(torch.bfloat16))
+    w_q, _ = quantize_dequantize_weight(w, cfg)
+    assert torch.equal(w_q, rtn_quantize(w, 4, 32, False).dequantize(torch.bfloat16))
 
 
 def test_values_on_the_grid_pass_unchanged():
@@ -109,25 +103,20 @@ def test_values_on_the_grid_pass_unchanged():
     q[..., 0], q[..., 1] = 0, 15
     zero = torch.randint(0, 16, (6, 4, 1), generator=g).float()
     scale = 2.0 ** -torch.randint(2, 8, (6, 4, 1), generator=g).float()
-    w = (scale * (q - zero)).reshape(6, 64).requires_grad_()
+    w = (scale * (q - zero)).reshape(6, 64)
 
-    w_q = fake_quantize_weight(w, cfg)
-    assert torch.equal(w_q, w.detach())
-    assert torch.equal(fake_quantize_weight(w_q, cfg), w_q)
-    grad_out = torch.randn_like(w_q)
-    w_q.backward(grad_out)
-    assert torch.equal(w.grad, grad_out)
+    w_q, keep = quantize_dequantize_weight(w, cfg)
+    assert torch.equal(w_q, w)
+    assert torch.equal(quantize_dequantize_weight(w_q, cfg)[0], w_q)
+    assert keep.all()  # the grid reaches both ends of every group: nothing clipped
 
 
 @pytest.mark.parametrize("shape", [(7, 9), (3, 100), (160, 128)])  # partial block; > 256 blocks
-def test_nf4_forward_is_the_reference_and_grad_is_identity(shape):
-    w = torch.randn(shape).requires_grad_()
-    w_q = fake_quantize_weight(w, FakeQuantConfig("nf4"))
-    assert torch.equal(w_q, dequantize_nf4_reference(quantize_nf4_reference(w.detach())))
-
-    grad_out = torch.randn_like(w_q)
-    w_q.backward(grad_out)
-    assert torch.equal(w.grad, grad_out)
+def test_nf4_forward_is_the_reference_and_nothing_is_clipped(shape):
+    w = torch.randn(shape)
+    w_q, keep = quantize_dequantize_weight(w, FakeQuantConfig("nf4"))
+    assert torch.equal(w_q, dequantize_nf4_reference(quantize_nf4_reference(w)))
+    assert keep is None
 
 
 def test_nf4_codes_are_a_fixed_point():
@@ -135,8 +124,8 @@ def test_nf4_codes_are_a_fixed_point():
     cfg = FakeQuantConfig("nf4")
     for seed in range(5):
         w = torch.randn(160, 128, generator=torch.Generator().manual_seed(seed))
-        once = fake_quantize_weight(w, cfg)
-        twice = fake_quantize_weight(once, cfg)
+        once, _ = quantize_dequantize_weight(w, cfg)
+        twice, _ = quantize_dequantize_weight(once, cfg)
         assert torch.equal(quantize_nf4_reference(once).packed, quantize_nf4_reference(w).packed)
         assert torch.equal(quantize_nf4_reference(twice).packed, quantize_nf4_reference(w).packed)
         # The re-derived absmax is double-quantized again and may land one step of the 8-bit
@@ -149,28 +138,23 @@ def test_activation_matches_float64_per_token(bits):
     g = torch.Generator().manual_seed(bits)
     x = torch.randn(3, 5, 64, generator=g) * torch.logspace(-3, 2, 5)[:, None]  # varied token scales
     x[1, 2] = 0  # an all-zero token
-    x.requires_grad_()
-    x_q = fake_quantize_activation(x, bits)
-    ref, ratio = _activation_reference(x.detach(), bits)
+    x_q = quantize_dequantize_activation(x, bits)
+    ref, ratio = _activation_reference(x, bits)
 
     # float32 and float64 may round differently only at a tie (ratio k + 1/2).
     near_tie = (ratio - ratio.floor() - 0.5).abs() < 1e-4
-    absmax = x.detach().double().abs().amax(dim=-1, keepdim=True)
+    absmax = x.double().abs().amax(dim=-1, keepdim=True)
     close = (x_q.double() - ref).abs() <= 1e-6 * absmax
     assert (close | near_tie).all() and close.float().mean() > 0.99
     assert torch.equal(x_q[1, 2], torch.zeros(64))
     assert (ratio.abs() <= 2 ** (bits - 1) - 1 + 1e-9).all()  # per-token absmax clips nothing
 
-    grad_out = torch.randn_like(x_q)
-    x_q.backward(grad_out)
-    assert torch.equal(x.grad, grad_out)
-
 
 def test_activation_keeps_dtype():
     x = torch.randn(4, 32).bfloat16()
-    x_q = fake_quantize_activation(x, 8)
+    x_q = quantize_dequantize_activation(x, 8)
     assert x_q.dtype == torch.bfloat16
-    assert torch.equal(x_q, fake_quantize_activation(x.float(), 8).bfloat16())
+    assert torch.equal(x_q, quantize_dequantize_activation(x.float(), 8).bfloat16())
 
 
 @pytest.mark.parametrize(
@@ -190,7 +174,7 @@ def test_config_rejects_bad_values(kwargs, match):
 
 def test_int_rejects_group_size_not_dividing_in_features():
     with pytest.raises(ValueError, match="group_size"):
-        fake_quantize_weight(torch.randn(4, 48), FakeQuantConfig(group_size=32))
+        quantize_dequantize_weight(torch.randn(4, 48), FakeQuantConfig(group_size=32))
 
 
 # --- QAT on the LoRA linear -------------------------------------------------------------
@@ -354,11 +338,12 @@ def test_enable_qat_and_switch_on_a_model():
     with pytest.raises(ValueError, match="call enable_qat"):
         set_qat_active(model, True)
     assert enable_qat(model, cfg, active=False) == ["0", "2"]
-    assert all(model[i].qat == cfg and not model[i].qat_active for i in (0, 2))
+    assert all(isinstance(model[i], QATLoRALinear) and model[i].fake_quant == cfg for i in (0, 2))
+    assert not model[0].active and not model[2].active
     set_qat_active(model, True)
-    assert model[0].qat_active and model[2].qat_active
+    assert model[0].active and model[2].active
     enable_qat(model, None)
-    assert model[0].qat is None and not model[0].qat_active
+    assert type(model[0]) is LoRALinear and not hasattr(model[0], "active")
 
 
 def test_enable_qat_rejects_layers_it_cannot_quantize():
@@ -385,6 +370,6 @@ def test_cached_qat_weights_match_and_follow_the_optimizer():
         opt.step()
         with torch.no_grad():
             after = lora(x)
-    assert lora._qat_cache is None
+    assert lora._cache is None
     with torch.no_grad():
         assert torch.equal(after, lora(x)) and not torch.equal(after, before)

@@ -3,8 +3,12 @@
 import json
 from pathlib import Path
 
+import pytest
+
 from qlora_kit.config import load_recipe
 from qlora_kit.pipelines.train import train
+
+pytestmark = pytest.mark.slow  # trains SmolLM2-135M twice
 
 ROOT = Path(__file__).resolve().parent.parent
 

@@ -137,12 +137,14 @@ def _sharding_worker(rank: int, port: int, model_dir: str, adapter_dir: str) -> 
         dist.destroy_process_group()
 
 
+@pytest.mark.slow
 def test_nf4_weights_are_sharded_and_gathered_bit_exact(tmp_path, tiny_model_dir, free_port):
     torch.multiprocessing.spawn(
         _sharding_worker, args=(free_port, str(tiny_model_dir), str(tmp_path / "adapter")), nprocs=2
     )
 
 
+@pytest.mark.slow
 def test_fsdp_training_equals_one_process(
     tmp_path, tiny_model_dir, identical_rows_task, make_recipe, accelerate_launch
 ):

@@ -105,12 +105,31 @@ def test_torch_path_matches_stock_model(model_type, fused_rotary_calls):
     assert len(fused_rotary_calls) == 2 * LAYERS
 
 
+def relative_errors(result, exact) -> dict[str, float]:
+    """Relative Frobenius error of logits, the input gradient and all LoRA gradients together."""
+
+    def parts(r):
+        logits, embeds_grad, lora_grads = r
+        return logits.double(), embeds_grad.double(), torch.cat([g.double().flatten() for g in lora_grads.values()])
+
+    names = ("logits", "input grad", "LoRA grads")
+    return {n: ((o - e).norm() / e.norm()).item() for n, o, e in zip(names, parts(result), parts(exact))}
+
+
 def test_triton_path_matches_stock_model(fused_rotary_calls):
+    """In fp32, the fused Triton model is as close to the float64 model as the stock fp32 model is.
+
+    Against a float64 reference rather than the stock fp32 model: the two fp32 models round
+    differently (summation order, BLAS kernels of the CPU or GPU), so comparing them directly
+    tests the rounding, not the kernels.
+    """
     stock = tiny_model("qwen3", seed=2)
     ours = use_fused_ops(copy.deepcopy(stock), kernel="triton")
-    # On a GPU the fp32 reductions (and sdpa's kernels) run in a different order than on the CPU.
-    tol = dict(rtol=1e-3, atol=1e-4) if DEVICE.type == "cuda" else dict(rtol=1e-4, atol=1e-5)
-    assert_same_step(step(ours, seq=7), step(stock, seq=7), **tol)
+    exact = step(copy.deepcopy(stock).double(), seq=7)
+    ours_err, stock_err = relative_errors(step(ours, seq=7), exact), relative_errors(step(stock, seq=7), exact)
+    for name, err in ours_err.items():
+        # A wrong kernel is off by 1e-2 or more; fp32 rounding leaves ~1e-7.
+        assert err <= max(4 * stock_err[name], 1e-6), f"{name}: error {err:.3g}, stock fp32 {stock_err[name]:.3g}"
     assert len(fused_rotary_calls) == 2 * LAYERS
 
 
@@ -128,13 +147,9 @@ def test_triton_path_under_bf16_autocast():
         results = step(ours, seq=7), step(stock, seq=7)
     assert results[0][0].dtype == results[1][0].dtype
 
-    def parts(result):
-        logits, embeds_grad, lora_grads = result
-        return logits.float(), embeds_grad, torch.cat([g.flatten() for g in lora_grads.values()])
-
-    for name, o, s, e in zip(("logits", "input grad", "LoRA grads"), *map(parts, (*results, exact))):
-        err, stock_err = ((o - e).norm() / e.norm()).item(), ((s - e).norm() / e.norm()).item()
-        assert err <= 2 * stock_err, f"{name}: error {err:.3g}, stock {stock_err:.3g}"
+    ours_err, stock_err = relative_errors(results[0], exact), relative_errors(results[1], exact)
+    for name, err in ours_err.items():
+        assert err <= 2 * stock_err[name], f"{name}: error {err:.3g}, stock {stock_err[name]:.3g}"
 
 
 def test_fused_forwards_follow_copies_and_wrappers(tmp_path):

@@ -1,4 +1,4 @@
-"""The shared int-k grid against a float64 loop written from formats.md."""
+"""The shared int-k grid against a float64 loop written from docs/formats.md."""
 
 import pytest
 import torch

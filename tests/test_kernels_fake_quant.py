@@ -4,7 +4,8 @@ The reference is the exporter's grid applied to the merged weight the merge comp
 fq(dequant_reference(W) + scale * B @ A) (qlora_kit.modules.fake_quant, itself checked
 bit for bit against RTN in test_fake_quant.py). The kernel sums the r terms of B @ A in
 its own order, so a merged value can differ by an ulp and, where that crosses a rounding
-tie, its code by one step: the test allows that for a few elements in ten thousand.
+tie, its code by one step: the test compares integer codes, allowing that for a few
+elements in ten thousand, and the values of equal codes to a few ulps.
 Runs under the Triton interpreter on the CPU (small sizes).
 """
 
@@ -71,16 +72,24 @@ def test_kernel_matches_the_torch_path(n, k, r, group_size, bits, symmetric):
     ref, keep, step = _reference(t, a, b, scaling, cfg)
 
     out, clipped = _run(t, a, b, scaling, cfg, torch.float32)
-    differ = out != ref
-    assert differ.float().mean() < 1e-3
-    assert torch.allclose((out - ref)[differ].abs(), step[differ], rtol=1e-5)  # one grid step, no more
+    # Compared on the grid: every value is step * (code - zero). The kernel and the torch path
+    # form it by different float32 operations, and under the interpreter tl.dot is numpy's BLAS,
+    # whose summation order depends on the CPU kernel OpenBLAS picks: equal codes can differ by
+    # ulps, and an ulp that crosses a rounding tie moves a code by one step.
+    code, ref_code = out / step, ref / step
+    assert (code - code.round()).abs().max() < 1e-3, "the kernel's values are not on the grid"
+    code, ref_code = code.round(), ref_code.round()
+    moved = code != ref_code
+    assert moved.float().mean() < 1e-3
+    assert (code - ref_code).abs().max() <= 1  # one grid step, no more
+    torch.testing.assert_close(out[~moved], ref[~moved], rtol=1e-6, atol=1e-6 * step.abs().max().item())
     if symmetric:
         assert clipped is None and keep is None
     else:
         assert keep is not None and clipped.item() == (~keep).sum().item() > 0
 
     out_bf16, _ = _run(t, a, b, scaling, cfg, torch.bfloat16)
-    assert torch.equal(out_bf16[~differ], ref.bfloat16()[~differ])
+    assert torch.equal(out_bf16, out.bfloat16())  # the same grid values, rounded once to bf16
 
 
 def test_kernel_takes_bf16_adapters():
@@ -89,7 +98,7 @@ def test_kernel_takes_bf16_adapters():
     a, b = a.bfloat16(), b.bfloat16()
     ref, _, _ = _reference(t, a, b, 0.5, cfg)
     out, _ = _run(t, a, b, 0.5, cfg, torch.float32)
-    assert (out != ref).float().mean() < 1e-3
+    assert ((out - ref).abs() > 1e-6 * ref.abs().max()).float().mean() < 1e-3
 
 
 def test_supported_group_sizes():
@@ -109,8 +118,9 @@ def test_kernel_rejects_mismatched_shapes():
 @pytest.mark.parametrize("symmetric", [True, False], ids=["sym", "asym"])
 def test_qat_layer_on_the_kernel_path_follows_the_chain_rule(symmetric):
     """The layer's forward and STE gradients on CUDA, against float64 on the CPU reference weight."""
-    from qlora_kit.modules.lora import LoRALinear, enable_qat
+    from qlora_kit.modules.lora import LoRALinear
     from qlora_kit.modules.nf4_linear import NF4Linear
+    from qlora_kit.modules.qat_lora import enable_qat
 
     torch.manual_seed(0)
     cfg = FakeQuantConfig("int", 4, 128, symmetric)

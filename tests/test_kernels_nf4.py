@@ -92,6 +92,26 @@ def test_dequantize_into_out_buffer(shape):
         assert torch.equal(out, dequantize_nf4_reference(t2, dtype))
 
 
+def test_dequantize_repeated_and_unaligned_calls():
+    """Later calls of a signature reuse its plan (on CUDA: the direct launch of the tuned kernel);
+    tensors at addresses that are not 16-byte aligned take the JIT's own launch. Same bits each time."""
+    from qlora_kit.kernels import nf4
+
+    shape = (64, 96)
+    for dtype in DTYPES:
+        for seed in (11, 12, 13):
+            t = quantize_nf4_reference(_weight(shape, torch.float32, seed=seed))
+            assert torch.equal(_dequant(t, dtype), dequantize_nf4_reference(t, dtype)), (dtype, seed)
+        if DEVICE.type == "cuda":
+            assert nf4._PLANS[(t.shape, dtype, 64, 256, t.packed.device)].launch is not None
+        # A packed buffer and an output one element past an aligned address.
+        packed = torch.empty(t.packed.numel() + 1, dtype=torch.uint8, device=DEVICE)[1:]
+        packed.copy_(t.packed.view(-1))
+        out = torch.full((t.shape.numel() + 1,), float("nan"), dtype=dtype, device=DEVICE)[1:].view(t.shape)
+        result = dequantize_nf4_dq(packed, t.absmax_q, t.nested_absmax, t.offset, CODE4, CODE8, t.shape, dtype, out=out)
+        assert result is out and torch.equal(out, dequantize_nf4_reference(t, dtype)), dtype
+
+
 @pytest.mark.parametrize("blocksize", [32, 256])
 def test_dequantize_other_blocksizes(blocksize):
     t = quantize_nf4_reference(_weight((40, 333), torch.float32, seed=5), blocksize=blocksize)

@@ -30,6 +30,7 @@ def untied_model_dir(tmp_path_factory, tiny_model_dir):
     return path
 
 
+@pytest.mark.slow
 def test_levers_give_the_same_adapters(tmp_path, untied_model_dir, task_files, make_recipe, monkeypatch):
     from qlora_kit.model import offload
 
@@ -157,6 +158,7 @@ def test_full_precision_adapters_for_saving_and_loading():
     assert torch.equal(_master(model.layers[0].weight), ref[0].detach() + 1.0)
 
 
+@pytest.mark.slow
 def test_offload_adapters_train(tmp_path, untied_model_dir, task_files, make_recipe):
     common = [
         "training.max_steps=6",

@@ -15,28 +15,38 @@ import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
-import qlora_kit.pipelines.merge as merge_module
+import qlora_kit.pipelines.quantize as quantize_module
 from qlora_kit.cli import main
 from qlora_kit.config import load_recipe, save_recipe
 from qlora_kit.data import DataCollator
-from qlora_kit.model.adapters import ADAPTER_WEIGHTS, AdapterError, add_lora, lora_modules, peft_config, save_adapter
+from qlora_kit.model.adapters import (
+    ADAPTER_WEIGHTS,
+    AdapterError,
+    add_lora,
+    lora_modules,
+    peft_config,
+    read_adapter,
+    save_adapter,
+)
 from qlora_kit.model.load import load_quantized
+from qlora_kit.model.plans import layer_plan
 from qlora_kit.model.sources import load_config, resolve_source
 from qlora_kit.modules.nf4_linear import NF4Linear
+from qlora_kit.pipelines.base_weights import NF4Weights
 from qlora_kit.pipelines.calibration import CalibrationError, calibration_windows
-from qlora_kit.pipelines.evaluate import logit_agreement, perplexity, response_loss
-from qlora_kit.pipelines.export import ExportError
-from qlora_kit.pipelines.merge import (
-    GPTQ_SEQUENCE,
-    MergeError,
-    MergeOptions,
-    NF4Weights,
-    QuantSpec,
-    as_stored,
-    merge,
-    merged_model,
-    read_adapter,
+from qlora_kit.pipelines.evaluate import (
+    cut_note,
+    exact_match_accuracy,
+    format_report,
+    load_test_examples,
+    logit_agreement,
+    perplexity,
+    response_loss,
 )
+from qlora_kit.pipelines.export import ExportError
+from qlora_kit.pipelines.layerwise import merged_model
+from qlora_kit.pipelines.merge import MergeError, MergeOptions, merge
+from qlora_kit.pipelines.quantize import QuantSpec, as_stored
 from qlora_kit.quant.intq import IntQuantWeight, rtn_quantize
 from qlora_kit.quant.nf4 import dequantize_nf4_reference
 from qlora_kit.quant.packing import pack_gptq_v1, unpack_awq_gemm, unpack_gptq_v1
@@ -175,7 +185,7 @@ def test_merged_checkpoint_equals_peft_merge(tmp_path, run, merge_into):
     assert not torch.allclose(ours[q].float(), other[q], rtol=2**-7, atol=1e-7)  # the option matters
 
 
-class RecordingGPTQ(merge_module.GPTQ):
+class RecordingGPTQ(quantize_module.GPTQ):
     """GPTQ that keeps every calibration input it is given."""
 
     created: list = []
@@ -193,7 +203,7 @@ class RecordingGPTQ(merge_module.GPTQ):
 def test_gptq_inputs_are_true_sequential(run, monkeypatch):
     """Each group's Hessian inputs equal a float64 stock model's, with every earlier group
     (earlier layers and earlier groups of the same layer) holding its quantized weights."""
-    monkeypatch.setattr(merge_module, "GPTQ", RecordingGPTQ)
+    monkeypatch.setattr(quantize_module, "GPTQ", RecordingGPTQ)
     RecordingGPTQ.created = []
     source = resolve_source(str(run["base"]))
     config = load_config(source)
@@ -208,12 +218,13 @@ def test_gptq_inputs_are_true_sequential(run, monkeypatch):
 
     merged = stream(None)
     quantized = stream(QuantSpec("gptq", group_size=32, act_order=True))
-    assert len(RecordingGPTQ.created) == 2 * len(GPTQ_SEQUENCE)
+    sequence = layer_plan(config.model_type).gptq_sequence
+    assert len(RecordingGPTQ.created) == 2 * len(sequence)
 
     reference = float64_model(config, merged)
     recorded = iter(RecordingGPTQ.created)
     for i in range(config.num_hidden_layers):
-        for group in GPTQ_SEQUENCE:
+        for group in sequence:
             first = f"model.layers.{i}.{group[0]}"
             ours = torch.cat(next(recorded).inputs).double()
             torch.testing.assert_close(ours, module_input(reference, first, ids), rtol=1e-4, atol=1e-5)
@@ -342,7 +353,7 @@ def test_report_rows_and_exported_files_agree(tmp_path, run):
     eval_ids = torch.tensor(run["tokenizer"](run["eval_text"].read_text())["input_ids"])
     config = load_config(resolve_source(str(run["base"])))
 
-    def perplexity_of_files(directory: Path, fmt: str) -> float:
+    def model_of_files(directory: Path, fmt: str) -> LlamaForCausalLM:
         from safetensors.torch import load_file
 
         files = load_file(str(directory / "model.safetensors"))
@@ -362,9 +373,31 @@ def test_report_rows_and_exported_files_agree(tmp_path, run):
         model = LlamaForCausalLM(config).eval()
         assert not model.load_state_dict(state, strict=False).unexpected_keys
         model.tie_weights()
-        return perplexity(model, eval_ids)
+        return model
 
-    assert perplexity_of_files(out, "gptq") == rows["GPTQ (sym)"]["perplexity"]
+    def perplexity_of_files(directory: Path, fmt: str) -> float:
+        return perplexity(model_of_files(directory, fmt), eval_ids)
+
+    gptq_model = model_of_files(out, "gptq")
+    assert perplexity(gptq_model, eval_ids) == rows["GPTQ (sym)"]["perplexity"]
+
+    # Exact match of the exported model: the report, its generations file and its printed table
+    # against exact_match_accuracy on the stock model read back from the files.
+    examples = load_test_examples(load_recipe(run["adapter"] / "recipe.yaml"), None)
+    reference = exact_match_accuracy(gptq_model, run["tokenizer"], examples, 4)
+    assert reference.cut > 0  # the recipe's budget of 4 tokens is shorter than the answers
+    assert (report["max_new_tokens"], report["match"], report["exported"]) == (4, "exact", "GPTQ (sym)")
+    assert (rows["GPTQ (sym)"]["exact_match"], rows["GPTQ (sym)"]["cut"]) == (reference.accuracy, reference.cut)
+    generations = [json.loads(line) for line in (out / "test_generations.jsonl").read_text().splitlines()]
+    assert [g["expected"] for g in generations] == [e["answer"] for e in examples]
+    assert all(list(g)[2:] == list(rows) for g in generations)  # prompt, expected, then one per report row
+    assert [g["GPTQ (sym)"] for g in generations] == [
+        {k: r[k] for k in ("generated", "correct", "cut", "problem")} for r in reference.generations
+    ]
+    printed = format_report(report)
+    most = max(r["cut"] for r in rows.values())
+    assert f"{reference.cut}/3" in printed and cut_note(most, 3, 4) in printed
+    assert f"GPTQ (sym): {reference.format_mismatches()}" in printed
     awq_out = tmp_path / "awq"
     awq_report = merge(options(run, awq_out, quantize="awq", evaluate=True))
     assert [r["model"] for r in awq_report["results"]] == ["NF4 + adapter", "AWQ (asym)"]
@@ -460,8 +493,8 @@ def test_interrupted_merge_leaves_no_output(tmp_path, run, monkeypatch):
             raise KeyboardInterrupt
         return real(*args)
 
-    real = merge_module.rtn_layer
-    monkeypatch.setattr(merge_module, "rtn_layer", interrupt_second_layer)
+    real = quantize_module.LAYER_PASSES["rtn"]
+    monkeypatch.setitem(quantize_module.LAYER_PASSES, "rtn", interrupt_second_layer)
     with pytest.raises(KeyboardInterrupt):
         merge(options(run, tmp_path / "out", quantize="rtn"))
     assert list(tmp_path.iterdir()) == []

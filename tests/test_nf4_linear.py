@@ -4,7 +4,7 @@ import pytest
 import torch
 from torch.utils.checkpoint import checkpoint
 
-from qlora_kit.modules.lora import LoRALinear
+from qlora_kit.modules.lora import NF4LoRALinear
 from qlora_kit.modules.nf4_linear import NF4Linear
 from qlora_kit.quant.nf4 import dequantize_nf4_reference, quantize_nf4
 
@@ -63,7 +63,7 @@ def test_weight_is_frozen_and_only_packed_weight_is_kept():
 
 def test_under_non_reentrant_checkpointing():
     layer, _ = _layer()
-    lora = LoRALinear(layer, r=4, alpha=8)
+    lora = NF4LoRALinear(layer, r=4, alpha=8)
     torch.nn.init.normal_(lora.lora_B.weight)
     x = torch.randn(2, 7, 128, requires_grad=True)
     out_plain = lora(x)
@@ -96,7 +96,7 @@ def test_fused_lora_path_equals_plain_lora(dtype):
     """LoRA on an NF4 base (one fused autograd function) against base(x) + scale*B(A(x)) by autograd."""
     torch.manual_seed(0)
     base = NF4Linear(quantize_nf4(torch.randn(96, 128) / 11), torch.randn(96), compute_dtype=dtype)
-    lora = LoRALinear(base, r=8, alpha=16)
+    lora = NF4LoRALinear(base, r=8, alpha=16)
     torch.nn.init.normal_(lora.lora_B.weight, std=0.1)
     x = torch.randn(3, 5, 128, dtype=dtype, requires_grad=True)
     g = torch.randn(3, 5, 96, dtype=dtype)
@@ -114,3 +114,20 @@ def test_fused_lora_path_equals_plain_lora(dtype):
     assert torch.allclose(lora(x).detach(), plain.detach(), **tol)
     for ours, ref in zip(fused, (x.grad, a.grad, b.grad)):
         assert torch.allclose(ours, ref, **tol)
+
+
+def test_kernel_choice_is_checked_once_for_every_op():
+    """NF4Linear, dequantize_nf4 and the fused ops share one auto|triton|torch choice and its error."""
+    from qlora_kit.modules.fused_ops import swiglu
+    from qlora_kit.quant.nf4 import dequantize_nf4
+
+    layer, _ = _layer()
+    cpu = torch.ones(2, 4)
+    for bad in (lambda: NF4Linear(layer.nf4_weight, kernel="cuda"), lambda: swiglu(cpu, cpu, kernel="cuda")):
+        with pytest.raises(ValueError, match=r"kernel must be one of \('auto', 'triton', 'torch'\), got 'cuda'"):
+            bad()
+    with pytest.raises(ValueError, match="got 'cuda'"):
+        dequantize_nf4(layer.nf4_weight, kernel="cuda")
+    # auto on the CPU and torch anywhere: the torch reference, bit for bit
+    for kernel in ("auto", "torch"):
+        assert torch.equal(dequantize_nf4(layer.nf4_weight, kernel=kernel), dequantize_nf4_reference(layer.nf4_weight))

@@ -1,4 +1,4 @@
-"""GPTQ v1 / AWQ gemm layouts, checked by a reader and a writer written from formats.md.
+"""GPTQ v1 / AWQ gemm layouts, checked by a reader and a writer written from docs/formats.md.
 
 The reader and writer below use plain Python ints and loops, not packing.py.
 """
@@ -28,7 +28,7 @@ def nibble(word, i):
 
 
 def read_gptq_v1(t):
-    """formats.md: qweight [K/8, N], input channel 8*row+j in bits 4j..4j+3; qzeros [G, N/8]
+    """docs/formats.md: qweight [K/8, N], input channel 8*row+j in bits 4j..4j+3; qzeros [G, N/8]
     packed along N the same way, storing zero-1; W = scales[g_idx] * (q - (qz + 1))."""
     k8, n = t["qweight"].shape
     q = [[nibble(t["qweight"][row, col], j) for row in range(k8) for j in range(8)] for col in range(n)]
@@ -40,7 +40,7 @@ def read_gptq_v1(t):
 
 
 def read_awq_gemm(t):
-    """formats.md: qweight [K, N/8], nibble i of word c holds column 8c + order[i]; raw zeros."""
+    """docs/formats.md: qweight [K, N/8], nibble i of word c holds column 8c + order[i]; raw zeros."""
     k, n8 = t["qweight"].shape
     q = [[0] * k for _ in range(n8 * 8)]
     for r in range(k):

@@ -11,6 +11,8 @@ from qlora_kit.model.load import load_full_precision, load_quantized
 from qlora_kit.model.sources import load_tokenizer, resolve_source
 from qlora_kit.pipelines.evaluate import logit_agreement, perplexity
 
+pytestmark = pytest.mark.slow  # loads SmolLM2-135M in NF4 and in full precision
+
 TEXT = Path(__file__).resolve().parent.parent / "examples" / "heldout" / "essays.txt"
 
 

@@ -20,6 +20,7 @@ from qlora_kit.quant.nf4 import dequantize_nf4_reference
 ROOT = Path(__file__).resolve().parent.parent
 
 
+@pytest.mark.slow
 def test_end_to_end_training_lowers_the_loss(tmp_path, tiny_model_dir, task_files, make_recipe):
     recipe = make_recipe(tmp_path, tiny_model_dir, task_files)
     metrics = train(recipe)
@@ -33,6 +34,7 @@ def test_end_to_end_training_lowers_the_loss(tmp_path, tiny_model_dir, task_file
         ADAPTER_WEIGHTS,
         "recipe.yaml",
         "metrics.json",
+        "test_generations.jsonl",
         "loss_curve.png",
         "tokenizer.json",
     ):
@@ -44,6 +46,7 @@ def test_end_to_end_training_lowers_the_loss(tmp_path, tiny_model_dir, task_file
         train(recipe)
 
 
+@pytest.mark.slow
 def test_resume_continues_exactly(tmp_path, tiny_model_dir, task_files, make_recipe):
     """4 steps + a kill + resume to 8 ends where 8 uninterrupted steps end; a half-written checkpoint is skipped."""
     straight = make_recipe(tmp_path / "a", tiny_model_dir, task_files, "training.max_steps=8", "training.save_steps=4")
@@ -112,6 +115,7 @@ def _run_cli(*args, cwd):
     )
 
 
+@pytest.mark.slow
 def test_cli_bad_recipe_key_exits_cleanly(tmp_path):
     recipe = tmp_path / "bad.yaml"
     recipe.write_text("data:\n  train: x.jsonl\nlora:\n  rank: 8\n")
@@ -121,6 +125,7 @@ def test_cli_bad_recipe_key_exits_cleanly(tmp_path):
     assert "Traceback" not in result.stderr
 
 
+@pytest.mark.slow
 def test_cli_bad_data_row_names_file_and_row(tmp_path, tiny_model_dir):
     data = tmp_path / "train.jsonl"
     data.write_text(
@@ -141,8 +146,9 @@ def test_cli_bad_data_row_names_file_and_row(tmp_path, tiny_model_dir):
     assert "Traceback" not in result.stderr
 
 
+@pytest.mark.slow
 def test_qat_run_switches_on_at_start_step(tmp_path, tiny_model_dir, task_files, make_recipe):
-    from qlora_kit.modules.lora import LoRALinear
+    from qlora_kit.modules.qat_lora import QATLoRALinear
 
     recipe = make_recipe(
         tmp_path,
@@ -155,18 +161,18 @@ def test_qat_run_switches_on_at_start_step(tmp_path, tiny_model_dir, task_files,
         "data.test=null",
     )
     modes = []  # per forward of the first LoRA layer called: was fake-quant on?
-    original = LoRALinear.forward
+    original = QATLoRALinear.forward
 
     def spy(self, x):
         if not modes or modes[0][0] is self:
-            modes.append((self, self.qat_active))
+            modes.append((self, self.active))
         return original(self, x)
 
-    LoRALinear.forward = spy
+    QATLoRALinear.forward = spy
     try:
         metrics = train(recipe)
     finally:
-        LoRALinear.forward = original
+        QATLoRALinear.forward = original
     flags = [active for _, active in modes]
     switch = flags.index(True)
     assert not any(flags[:switch]) and all(flags[switch:])  # off, then on for good

@@ -3,27 +3,36 @@
 PEFT's layout: ``adapter_config.json`` (a ``peft.LoraConfig``) and
 ``adapter_model.safetensors`` with keys ``base_model.model.<module path>.lora_A.weight``
 and ``...lora_B.weight``, so ``peft.PeftModel.from_pretrained`` loads our adapters onto a
-stock transformers model.
+stock transformers model. Reading goes through one parser of those keys,
+:func:`read_lora_weights`, whether into a model (resuming, evaluation) or for merging
+(:func:`read_adapter`).
 """
 
 from __future__ import annotations
 
 import json
 import os
+import re
 import tempfile
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
 
 from qlora_kit.errors import UserInputError
 from qlora_kit.model.fsdp import full_tensor, shard_like
-from qlora_kit.modules.lora import LoRALinear
+from qlora_kit.modules.lora import LoRALinear, NF4LoRALinear, lora_scale
 from qlora_kit.modules.nf4_linear import NF4Linear
+
+if TYPE_CHECKING:
+    from qlora_kit.config import Recipe
 
 ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
+RECIPE_FILE = "recipe.yaml"  # what training writes beside the adapter
 _PEFT_PREFIX = "base_model.model."
 
 
@@ -49,11 +58,14 @@ def add_lora(
     dropout: float = 0.0,
     target_modules: str | Sequence[str] = "all-linear",
     use_rslora: bool = False,
+    fused: bool = True,
 ) -> list[str]:
-    """Wrap the targeted decoder linears in :class:`LoRALinear`; returns the wrapped module paths.
+    """Wrap the targeted decoder linears in LoRA layers; returns the wrapped module paths.
 
     ``target_modules``: ``"all-linear"`` or names matched against the last part of each
-    module path (``q_proj`` matches ``model.layers.3.self_attn.q_proj``).
+    module path (``q_proj`` matches ``model.layers.3.self_attn.q_proj``). ``fused``: an NF4
+    base gets :class:`NF4LoRALinear` (base and adapter in one autograd function) when there
+    is no dropout; ``False``, or any other base: :class:`LoRALinear`, plain autograd.
     """
     linears = _decoder_linears(model)
     if target_modules == "all-linear":
@@ -66,7 +78,12 @@ def add_lora(
         chosen = [name for name in linears if name.rpartition(".")[2] in target_modules]
     for name in chosen:
         parent, _, child = name.rpartition(".")
-        setattr(model.get_submodule(parent), child, LoRALinear(linears[name], r, alpha, dropout, use_rslora))
+        base = linears[name]
+        if fused and dropout == 0 and isinstance(base, NF4Linear):
+            layer = NF4LoRALinear(base, r, alpha, use_rslora)
+        else:
+            layer = LoRALinear(base, r, alpha, dropout, use_rslora)
+        setattr(model.get_submodule(parent), child, layer)
     return chosen
 
 
@@ -160,26 +177,107 @@ def read_adapter_weights(directory: str | Path) -> dict[str, torch.Tensor]:
         raise AdapterError(f"cannot read {path}: {e}") from e
 
 
+_LORA_KEY = re.compile(re.escape(_PEFT_PREFIX) + r"(.+)\.lora_([AB])\.weight")
+
+
+def read_lora_weights(directory: str | Path) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    """The one parser of PEFT's keys: module path -> (lora_A [r, K], lora_B [N, r]), as stored.
+
+    Every tensor must be a ``base_model.model.<module>.lora_A/B.weight``, and every module must
+    have both, of one rank.
+    """
+    path = Path(directory) / ADAPTER_WEIGHTS
+    parts: dict[str, dict[str, torch.Tensor]] = {}
+    for key, t in read_adapter_weights(directory).items():
+        match = _LORA_KEY.fullmatch(key)
+        if match is None:
+            raise AdapterError(
+                f"{path}: unexpected tensor '{key}' (expected base_model.model.<module>.lora_A/B.weight)"
+            )
+        parts.setdefault(match[1], {})[match[2]] = t
+    lora = {}
+    for module, ab in parts.items():
+        if set(ab) != {"A", "B"}:
+            raise AdapterError(f"{path}: '{module}' has lora_{''.join(ab)} but not both lora_A and lora_B")
+        a, b = ab["A"], ab["B"]
+        if a.dim() != 2 or b.dim() != 2 or a.shape[0] != b.shape[1]:
+            raise AdapterError(
+                f"{path}: '{module}' has lora_A {tuple(a.shape)} and lora_B {tuple(b.shape)}: ranks differ"
+            )
+        lora[module] = (a, b)
+    if not lora:
+        raise AdapterError(f"{path} holds no LoRA weights")
+    return lora
+
+
 def load_adapter_weights(model: nn.Module, directory: str | Path) -> None:
-    """Copy the adapter weights of ``directory`` into the model's LoRA modules (under FSDP, each its slice).
+    """Copy the adapter weights of ``directory`` into the model's LoRA modules (under FSDP, each its slice)."""
+    set_lora_weights(model, read_lora_weights(directory), Path(directory) / ADAPTER_WEIGHTS)
+
+
+def set_lora_weights(model: nn.Module, lora: dict[str, tuple[torch.Tensor, torch.Tensor]], where: str | Path) -> None:
+    """Copy parsed LoRA weights (:func:`read_lora_weights`, read from ``where``) into the model's LoRA modules.
 
     Every LoRA module must receive both of its weights with matching shapes.
     """
-    path = Path(directory) / ADAPTER_WEIGHTS
-    sd = read_adapter_weights(directory)
     modules = lora_modules(model)
-    expected = {
-        f"{_PEFT_PREFIX}{name}.lora_{ab}.weight": getattr(m, f"lora_{ab}").weight
-        for name, m in modules.items()
-        for ab in "AB"
-    }
-    missing, unexpected = sorted(set(expected) - set(sd)), sorted(set(sd) - set(expected))
+    missing, unexpected = sorted(set(modules) - set(lora)), sorted(set(lora) - set(modules))
     if missing or unexpected:
-        raise AdapterError(f"{path} does not fit the model: missing {missing[:3]}, unexpected {unexpected[:3]}")
+        raise AdapterError(f"{where} does not fit the model: missing {missing[:3]}, unexpected {unexpected[:3]}")
     with torch.no_grad():
-        for key, param in expected.items():
-            if sd[key].shape != param.shape:
-                raise AdapterError(
-                    f"{path}: '{key}' has shape {tuple(sd[key].shape)}, the model has {tuple(param.shape)}"
-                )
-            param.copy_(shard_like(sd[key], param))
+        for name, m in modules.items():
+            for ab, value in zip("AB", lora[name]):
+                param = getattr(m, f"lora_{ab}").weight
+                if value.shape != param.shape:
+                    raise AdapterError(
+                        f"{where}: '{_PEFT_PREFIX}{name}.lora_{ab}.weight' has shape {tuple(value.shape)}, "
+                        f"the model has {tuple(param.shape)}"
+                    )
+                param.copy_(shard_like(value, param))
+
+
+@dataclass
+class Adapter:
+    """LoRA weights of an adapter directory: module path -> (A [r, K], B [N, r]), fp32 on the CPU."""
+
+    directory: Path
+    scaling: float
+    lora: dict[str, tuple[torch.Tensor, torch.Tensor]]
+    config: dict
+    base: str
+    gguf_file: str | None
+    recipe: Recipe | None
+
+    def delta(self, path: str, device: torch.device) -> torch.Tensor | None:
+        """scale * B @ A in fp32 for the linear at ``path``; None when it has no adapter."""
+        if path not in self.lora:
+            return None
+        a, b = self.lora[path]
+        return self.scaling * (b.to(device) @ a.to(device))
+
+
+def read_adapter(directory: str | Path) -> Adapter:
+    """Read and check a PEFT LoRA adapter directory for merging (plus the recipe.yaml that training wrote)."""
+    from qlora_kit.config import load_recipe
+
+    directory = Path(directory)
+    if not directory.is_dir():
+        raise AdapterError(f"adapter directory {directory} does not exist")
+    config = read_adapter_config(directory)
+    unsupported = {
+        "use_dora": config.get("use_dora"),
+        "fan_in_fan_out": config.get("fan_in_fan_out"),
+        "rank_pattern": config.get("rank_pattern"),
+        "alpha_pattern": config.get("alpha_pattern"),
+        "modules_to_save": config.get("modules_to_save"),
+    }
+    used = [key for key, value in unsupported.items() if value]
+    if used:
+        raise AdapterError(f"{directory}/adapter_config.json sets {used}, which merging does not support")
+    lora = {module: (a.float(), b.float()) for module, (a, b) in read_lora_weights(directory).items()}
+    recipe = load_recipe(directory / RECIPE_FILE) if (directory / RECIPE_FILE).is_file() else None
+    base = recipe.model.name_or_path if recipe else config.get("base_model_name_or_path")
+    if not base:
+        raise AdapterError(f"{directory} names no base model (no recipe.yaml, no base_model_name_or_path): pass --base")
+    scaling = lora_scale(config["r"], config["lora_alpha"], config.get("use_rslora", False))
+    return Adapter(directory, scaling, lora, config, base, recipe.model.gguf_file if recipe else None, recipe)

@@ -33,7 +33,9 @@ from contextvars import ContextVar
 
 from torch import nn
 
-from qlora_kit.modules.fused_ops import KERNELS, apply_rotary, rms_norm, swiglu
+from qlora_kit.compat import rotary_function, set_rotary_function
+from qlora_kit.kernels.dispatch import check_kernel
+from qlora_kit.modules.fused_ops import apply_rotary, rms_norm, swiglu
 
 log = logging.getLogger(__name__)
 
@@ -81,13 +83,9 @@ def _rotary_dispatcher(original):
 
 
 def _install_rotary_dispatcher(modeling: types.ModuleType) -> None:
-    if not hasattr(modeling, "apply_rotary_pos_emb"):
-        raise NotImplementedError(
-            f"{modeling.__name__} has no apply_rotary_pos_emb: this transformers version applies rotary "
-            "embeddings differently, and use_fused_ops does not support it"
-        )
-    if not hasattr(modeling.apply_rotary_pos_emb, "original"):
-        modeling.apply_rotary_pos_emb = _rotary_dispatcher(modeling.apply_rotary_pos_emb)
+    original = rotary_function(modeling)
+    if not hasattr(original, "original"):
+        set_rotary_function(modeling, _rotary_dispatcher(original))
 
 
 def _role(module: nn.Module) -> str | None:
@@ -115,8 +113,7 @@ def use_fused_ops(model: nn.Module, kernel: str = "auto") -> nn.Module:
     Raises:
         ValueError: ``model`` holds no module of a supported family.
     """
-    if kernel not in KERNELS:
-        raise ValueError(f"kernel must be one of {KERNELS}, got '{kernel}'")
+    check_kernel(kernel)
     switched = dict.fromkeys(_FORWARDS, 0)
     for module in model.modules():
         role = _role(module)

@@ -15,6 +15,7 @@ from collections.abc import Iterable
 import torch
 from torch import nn
 
+from qlora_kit.kernels.dispatch import check_kernel
 from qlora_kit.model.sources import ModelSource, ModelSourceError, iter_tensors, load_config, resolve_source
 from qlora_kit.modules.nf4_linear import NF4Linear
 from qlora_kit.quant.nf4 import NF4Tensor, quantize_nf4
@@ -156,6 +157,7 @@ def load_quantized(
     ``compute_dtype``; every parameter is frozen. Weights are quantized on ``device`` and
     kept on ``keep_on`` (default: ``device``).
     """
+    check_kernel(kernel)
     source = name_or_path if isinstance(name_or_path, ModelSource) else resolve_source(name_or_path, gguf_file)
     device = torch.device(device) if device is not None else default_device()
     if isinstance(compute_dtype, str):

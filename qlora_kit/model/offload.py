@@ -13,6 +13,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from qlora_kit.compat import set_checkpoint_function
+
 
 class _OffloadedCheckpoint(torch.autograd.Function):
     """Recompute-in-backward (like reentrant checkpointing) with the layer input held in CPU memory.
@@ -69,7 +71,7 @@ def use_offloaded_checkpointing(model: nn.Module) -> int:
     if not layers:
         raise ValueError("offloaded checkpointing needs gradient checkpointing: enable it first")
     for layer in layers:
-        layer._gradient_checkpointing_func = offloaded_checkpoint
+        set_checkpoint_function(layer, offloaded_checkpoint)
     return len(layers)
 
 

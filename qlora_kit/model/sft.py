@@ -4,9 +4,8 @@ from __future__ import annotations
 
 import torch
 from torch import nn
-from torch.utils.checkpoint import checkpoint
 
-IGNORE_INDEX = -100  # labels of tokens outside the loss (torch's cross_entropy default, as in qlora_kit.data)
+from qlora_kit.model.logprobs import labelled_logprobs, plain_labelled_logprobs
 
 
 def causal_lm_loss(
@@ -19,39 +18,23 @@ def causal_lm_loss(
 ) -> torch.Tensor:
     """Sum of next-token NLL over positions whose label is set, divided by the label count.
 
-    The decoder runs once; the vocabulary projection runs only on the labelled
-    positions (for chat data, the responses), chunk by chunk, each chunk recomputed in
-    backward: the ``[tokens, vocab]`` fp32 logits never exist beyond one chunk.
-    ``num_items_in_batch`` is the label count of the whole accumulated batch when the
-    Trainer provides it.
+    The log-probabilities come from the chunked, labelled-positions-only path of
+    :func:`~qlora_kit.model.logprobs.labelled_logprobs`: the ``[tokens, vocab]`` fp32 logits never
+    exist beyond one chunk. ``num_items_in_batch`` is the label count of the whole accumulated
+    batch when the Trainer provides it.
     """
-    hidden = lm.model(input_ids=input_ids, use_cache=False, **model_inputs).last_hidden_state
-    targets = labels[:, 1:]
-    keep = targets != IGNORE_INDEX
-    hidden, targets = hidden[:, :-1][keep], targets[keep]
-    total = hidden.new_zeros((), dtype=torch.float32)
-    for start in range(0, targets.numel(), chunk_tokens):
-        chunk = slice(start, start + chunk_tokens)
-        total = total + checkpoint(_nll_sum, lm.lm_head, hidden[chunk], targets[chunk], use_reentrant=False)
-    count = num_items_in_batch if num_items_in_batch is not None else keep.sum().clamp(min=1)
-    return total / count
+    scored = labelled_logprobs(lm, input_ids, labels, chunk_tokens, **model_inputs)
+    count = num_items_in_batch if num_items_in_batch is not None else scored.mask.sum().clamp(min=1)
+    return -scored.logps.sum() / count
 
 
 def plain_causal_lm_loss(
     lm: nn.Module, input_ids: torch.Tensor, labels: torch.Tensor, num_items_in_batch=None, **model_inputs
 ) -> torch.Tensor:
     """The same loss through the model's full ``[batch, seq, vocab]`` logits (the reference for the chunked one)."""
-    logits = lm(input_ids=input_ids, use_cache=False, **model_inputs).logits[:, :-1].float()
-    targets = labels[:, 1:]
-    total = nn.functional.cross_entropy(
-        logits.reshape(-1, logits.shape[-1]), targets.reshape(-1), ignore_index=IGNORE_INDEX, reduction="sum"
-    )
-    count = num_items_in_batch if num_items_in_batch is not None else (targets != IGNORE_INDEX).sum().clamp(min=1)
-    return total / count
-
-
-def _nll_sum(lm_head: nn.Module, hidden: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    return nn.functional.cross_entropy(lm_head(hidden).float(), targets, reduction="sum")
+    scored = plain_labelled_logprobs(lm, input_ids, labels, **model_inputs)
+    count = num_items_in_batch if num_items_in_batch is not None else scored.mask.sum().clamp(min=1)
+    return -scored.logps.sum() / count
 
 
 class SFTModel(nn.Module):

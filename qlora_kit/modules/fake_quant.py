@@ -13,8 +13,10 @@ Backward: the straight-through estimator (Bengio et al. 2013). ``round`` has zer
 derivative almost everywhere, so the STE takes it as the identity, and the group
 parameters are taken as constants. What remains is the quantizer's clamp: the gradient
 passes where the grid reaches the value and is zero where the value is clipped, i.e. lies
-beyond the grid's end codes. The boolean ``pass mask`` says which. The grid's range is
-fitted to each group's own values, so clipping happens in one case only:
+beyond the grid's end codes. The boolean ``pass mask`` says which. This module computes the
+forward values and the mask; the QAT LoRA linear (:mod:`qlora_kit.modules.qat_lora`) applies
+them in its autograd function. The grid's range is fitted to each group's own values, so
+clipping happens in one case only:
 
 * int, ``q = clamp(round(w / scale) + zero, 0, 2^bits - 1)``:
 
@@ -85,9 +87,9 @@ class FakeQuantConfig:
 def quantize_dequantize_weight(w: Tensor, cfg: FakeQuantConfig) -> tuple[Tensor, Tensor | None]:
     """The weight on the deployment grid, and the STE pass mask (None: nothing can be clipped).
 
-    No autograd: this is the forward value that :func:`fake_quantize_weight` and the QAT
-    linear build on. ``int`` needs a 2-d ``[out_features, in_features]`` weight. The
-    result has ``w``'s dtype (computed in float32, as the exporters do).
+    No autograd: this is the forward value the QAT linear builds on; its backward
+    multiplies the gradient by the mask. ``int`` needs a 2-d ``[out_features, in_features]``
+    weight. The result has ``w``'s dtype (computed in float32, as the exporters do).
     """
     if cfg.format == "nf4":
         return dequantize_nf4(quantize_nf4(w), w.dtype), None
@@ -119,46 +121,3 @@ def quantize_dequantize_activation(x: Tensor, bits: int) -> Tensor:
     absmax = x32.abs().amax(dim=-1, keepdim=True).clamp(min=torch.finfo(torch.float32).tiny)
     scale = absmax / qmax
     return (torch.round(x32 / scale) * scale).to(x.dtype)
-
-
-class FakeQuantWeightSTE(torch.autograd.Function):
-    """Weight quantize-dequantize; backward passes ``grad * mask`` (saves only the bool mask)."""
-
-    @staticmethod
-    def forward(ctx, w: Tensor, cfg: FakeQuantConfig) -> Tensor:
-        w_q, keep = quantize_dequantize_weight(w, cfg)
-        ctx.has_mask = keep is not None
-        if ctx.has_mask:
-            ctx.save_for_backward(keep)
-        return w_q
-
-    @staticmethod
-    def backward(ctx, grad_out: Tensor) -> tuple[Tensor, None]:
-        if not ctx.has_mask:
-            return grad_out, None
-        (keep,) = ctx.saved_tensors
-        return grad_out * keep, None
-
-
-class FakeQuantActivationSTE(torch.autograd.Function):
-    """Per-token activation quantize-dequantize; nothing is clipped, so backward is the identity."""
-
-    @staticmethod
-    def forward(ctx, x: Tensor, bits: int) -> Tensor:
-        return quantize_dequantize_activation(x, bits)
-
-    @staticmethod
-    def backward(ctx, grad_out: Tensor) -> tuple[Tensor, None]:
-        return grad_out, None
-
-
-def fake_quantize_weight(w: Tensor, cfg: FakeQuantConfig) -> Tensor:
-    """``w`` rounded onto ``cfg``'s grid, with the straight-through gradient."""
-    return FakeQuantWeightSTE.apply(w, cfg)
-
-
-def fake_quantize_activation(x: Tensor, bits: int) -> Tensor:
-    """``x`` quantize-dequantized per token to ``bits``, with the straight-through gradient."""
-    if not 2 <= bits <= 8:
-        raise ValueError(f"activation bits must be in [2, 8], got {bits}")
-    return FakeQuantActivationSTE.apply(x, bits)

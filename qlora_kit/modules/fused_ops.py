@@ -7,7 +7,8 @@ for the backward than autograd does for the reference: RMSNorm keeps x and one f
 row, SwiGLU keeps g and u (not silu(g)), RoPE keeps cos and sin only.
 
 ``kernel`` selects the implementation: ``"auto"`` (Triton on CUDA, torch elsewhere),
-``"triton"`` (also on CPU tensors under ``TRITON_INTERPRET=1``, for tests) or ``"torch"``.
+``"triton"`` (also on CPU tensors under ``TRITON_INTERPRET=1``, for tests) or ``"torch"``
+(:mod:`qlora_kit.kernels.dispatch`).
 """
 
 from __future__ import annotations
@@ -15,20 +16,7 @@ from __future__ import annotations
 import torch
 from torch.nn import functional as F
 
-KERNELS = ("auto", "triton", "torch")
-
-
-def _use_triton(t: torch.Tensor, kernel: str) -> bool:
-    if kernel not in KERNELS:
-        raise ValueError(f"kernel must be one of {KERNELS}, got '{kernel}'")
-    if kernel == "auto":
-        if not t.is_cuda:
-            return False
-        from qlora_kit.kernels import rmsnorm
-
-        return rmsnorm.available()
-    return kernel == "triton"
-
+from qlora_kit.kernels.dispatch import use_triton
 
 # The torch references: transformers' code, op for op (so the CPU path is the stock model's numerics).
 
@@ -125,14 +113,14 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, kernel: str = "a
     The output has ``promote_types(x.dtype, weight.dtype)``. The weight's gradient is computed
     only when it requires one (in QLoRA it is frozen).
     """
-    if _use_triton(x, kernel):
+    if use_triton(kernel, x):
         return _RMSNorm.apply(x, weight, eps)
     return rms_norm_reference(x, weight, eps)
 
 
 def swiglu(g: torch.Tensor, u: torch.Tensor, kernel: str = "auto") -> torch.Tensor:
     """``silu(g) * u``; the kernel computes silu in fp32 and rounds once to ``promote_types(g, u)``."""
-    if _use_triton(g, kernel):
+    if use_triton(kernel, g):
         return _SwiGLU.apply(g, u)
     return swiglu_reference(g, u)
 
@@ -147,6 +135,6 @@ def apply_rotary(
     x, cos and sin). The kernel gives no gradient to cos and sin (transformers computes them
     under no_grad): when either requires one, the reference runs.
     """
-    if _use_triton(q, kernel) and not (cos.requires_grad or sin.requires_grad):
+    if use_triton(kernel, q) and not (cos.requires_grad or sin.requires_grad):
         return _Rotary.apply(q, k, cos, sin)
     return apply_rotary_reference(q, k, cos, sin)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from qlora_kit.kernels.dispatch import check_kernel
 from qlora_kit.quant.nf4 import BLOCKSIZE, NESTED_BLOCKSIZE, NF4Tensor, dequantize_nf4
 
 # The attributes holding an NF4Linear's weight, one per NF4Tensor field.
@@ -64,7 +65,7 @@ class NF4Linear(nn.Module):
             raise ValueError(f"NF4Linear needs a 2-d weight, got shape {tuple(weight.shape)}")
         self.out_features, self.in_features = weight.shape
         self.compute_dtype = compute_dtype
-        self.kernel = kernel
+        self.kernel = check_kernel(kernel)
         self.quant_storage: torch.dtype | None = None
         self.set_weight(weight)
         if quant_storage is not None:

@@ -16,7 +16,7 @@ from typing import Any
 
 import torch
 
-from qlora_kit.data import DataError, detect_format, load_rows, to_messages
+from qlora_kit.data import DataError, detect_format, load_rows, require_chat_template, to_messages
 from qlora_kit.errors import UserInputError
 
 
@@ -89,4 +89,5 @@ def _texts(
         if isinstance(example, str):
             yield example, False
         else:
+            require_chat_template(tokenizer, f"calibration data {source}")
             yield tokenizer.apply_chat_template(example, tokenize=False), True

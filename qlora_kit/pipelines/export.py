@@ -1,4 +1,4 @@
-"""Checkpoint writers: merged bf16, GPTQ (v1 layout) and AWQ (gemm layout), as formats.md lists them.
+"""Checkpoint writers: merged bf16, GPTQ (v1 layout) and AWQ (gemm layout), as docs/formats.md lists them.
 
 Tensors arrive a decoder layer at a time and go into safetensors shards as they come;
 a shard is written once it holds ``max_shard_bytes``, so the writer holds at most one
@@ -25,7 +25,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from qlora_kit.errors import UserInputError
+from qlora_kit.errors import UserInputError, saving_to
 from qlora_kit.quant.intq import IntQuantWeight
 from qlora_kit.quant.packing import marlin_compatible, pack_awq_gemm, pack_gptq_v1
 
@@ -107,6 +107,25 @@ def check_output_dir(out: Path, overwrite: bool) -> None:
         raise ExportError(f"--out {out} already holds {what}; pass --overwrite to replace it")
 
 
+def remove_stale_partials(out: Path) -> None:
+    """Delete the ``out.partial-<pid>`` directories of writers that were killed (their process is gone)."""
+    for stale in out.parent.glob(f"{out.name}.partial-*"):
+        pid = stale.name.rpartition("-")[2]
+        if pid.isdigit() and not _process_exists(int(pid)):
+            log.info("removing %s, left by a merge that was killed", stale)
+            shutil.rmtree(stale, ignore_errors=True)
+
+
+def _process_exists(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)  # signal 0: checks only
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process
+        return True
+    return True
+
+
 class CheckpointWriter:
     """Writes one checkpoint (``fmt``: bf16, gptq or awq) shard by shard; use it as a context manager.
 
@@ -127,6 +146,7 @@ class CheckpointWriter:
         self.dtype = _DTYPES[fmt]
         self.max_shard_bytes = max_shard_bytes
         self.partial = self.out.with_name(f"{self.out.name}.partial-{os.getpid()}")
+        remove_stale_partials(self.out)
         if self.partial.exists():  # left by an earlier process that had our pid
             shutil.rmtree(self.partial)
         self.partial.mkdir(parents=True)
@@ -182,7 +202,8 @@ class CheckpointWriter:
         if not self._shard:
             return
         name = f"model-{len(self._files) + 1:05d}.safetensors"
-        save_file(self._shard, str(self.partial / name), metadata={"format": "pt"})
+        with saving_to(self.out):  # safetensors reports a full disk without the path
+            save_file(self._shard, str(self.partial / name), metadata={"format": "pt"})
         self._files.append(name)
         self._weight_map.update(dict.fromkeys(self._shard, name))
         self._total_bytes += self._shard_bytes

@@ -23,6 +23,8 @@ from contextlib import contextmanager
 import torch
 from torch import nn
 
+from qlora_kit.compat import bnb_step_without_syncs, layerwise_dummy_optimizer
+
 log = logging.getLogger(__name__)
 
 _PAGED = ("paged_adamw_8bit", "paged_adamw_32bit", "adamw_8bit")
@@ -46,7 +48,8 @@ def optimizer_name(name: str, device: torch.device, sharded: bool = False) -> st
     return "adamw_torch" if name == "adamw" else name
 
 
-def _optimizer_class(name: str):
+def optimizer_class(name: str) -> type[torch.optim.Optimizer]:
+    """The optimizer class of an :func:`optimizer_name`."""
     if name == "adamw_torch":
         return torch.optim.AdamW
     import bitsandbytes as bnb
@@ -68,32 +71,10 @@ def _groups(model: nn.Module) -> dict[str, list[nn.Parameter]]:
     return groups
 
 
-def _step_without_syncs(optimizer: torch.optim.Optimizer) -> None:
-    """bitsandbytes' ``Optimizer8bit.step`` without its ``torch.cuda.synchronize()`` after every tensor.
-
-    Inside backward those synchronizations drain the GPU's queue once per tensor, and the
-    GPU then waits for the CPU to queue the next kernels. The update kernels and whatever
-    reads the weights afterwards run in stream order, so they are not needed on the GPU
-    (the paged state is prefetched on the same device).
-    """
-    if not optimizer.initialized:
-        optimizer.check_overrides()
-        optimizer.to_gpu()
-        optimizer.initialized = True
-    for gindex, group in enumerate(optimizer.param_groups):
-        for pindex, p in enumerate(group["params"]):
-            if p.grad is None:
-                continue
-            if len(optimizer.state[p]) == 0:
-                optimizer.init_state(group, p, gindex, pindex)
-            optimizer.prefetch_state(p)
-            optimizer.update_step(group, p, gindex, pindex)
-
-
 def _step(optimizer: torch.optim.Optimizer) -> None:
     with torch.no_grad():
         if type(optimizer).__module__.startswith("bitsandbytes"):
-            _step_without_syncs(optimizer)
+            bnb_step_without_syncs(optimizer)
         else:
             optimizer.step()
 
@@ -208,9 +189,7 @@ def optimizer_in_backward(
     ``(optimizer, scheduler)`` dummies for the Trainer (``optimizers=...``); the
     optimizer's ``optimizer_dict`` holds the group optimizers.
     """
-    from transformers.trainer_pt_utils import LayerWiseDummyOptimizer
-
-    cls = _optimizer_class(name)
+    cls = optimizer_class(name)
     optimizer_dict = {}
     for layer, group in _groups(model).items():
         offloaded = OffloadedAdapters(model.get_submodule(layer), group) if offload_adapters and layer else None
@@ -234,7 +213,7 @@ def optimizer_in_backward(
         for p in group:
             p.register_post_accumulate_grad_hook(step)
         optimizer_dict[group[0]] = optimizer
-    dummy = LayerWiseDummyOptimizer(optimizer_dict=optimizer_dict, lr=lr)
+    dummy = layerwise_dummy_optimizer(optimizer_dict, lr)
     return dummy, _HookedSchedules(list(optimizer_dict.values()))
 
 

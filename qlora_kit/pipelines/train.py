@@ -11,41 +11,43 @@ from __future__ import annotations
 import json
 import logging
 import math
+import pickle
 import shutil
-from contextlib import nullcontext
+from collections.abc import Iterator
+from contextlib import contextmanager, nullcontext
 from pathlib import Path
 
 import torch
 
-from qlora_kit.config import Recipe, RecipeError, save_recipe
+from qlora_kit.compat import check_trainer_hooks, checkpoint_file_names
+from qlora_kit.config import Recipe, save_recipe
 from qlora_kit.data import DataCollator, SFTData, build_datasets
-from qlora_kit.errors import UserInputError
+from qlora_kit.errors import UserInputError, is_out_of_memory, saving_to
 from qlora_kit.model.adapters import (
     ADAPTER_CONFIG,
     ADAPTER_WEIGHTS,
-    add_lora,
     load_adapter_weights,
-    lora_modules,
-    peft_config,
     save_adapter,
 )
 from qlora_kit.model.fsdp import (
     fsdp_plugin_from_launch,
     full_optimizer_state,
     is_sharded,
-    nf4_storage_bytes,
-    shard_model,
     shard_optimizer_state,
 )
-from qlora_kit.model.fused import use_fused_ops
-from qlora_kit.model.load import load_quantized, resolve_compute_dtype
-from qlora_kit.model.offload import offload_embeddings, use_offloaded_checkpointing
-from qlora_kit.model.sft import SFTModel
-from qlora_kit.model.sources import load_tokenizer, resolve_source
-from qlora_kit.modules.fake_quant import FakeQuantConfig
-from qlora_kit.modules.lora import cached_qat_weights, enable_qat, set_qat_active
-from qlora_kit.pipelines.evaluate import exact_match_accuracy
-from qlora_kit.pipelines.optim import full_precision_adapters, optimizer_in_backward, optimizer_name
+from qlora_kit.model.load import check_supported
+from qlora_kit.model.sources import load_config, load_tokenizer, resolve_source
+from qlora_kit.modules.qat_lora import cached_qat_weights
+from qlora_kit.pipelines.builder import build_training_model
+from qlora_kit.pipelines.evaluate import (
+    GENERATIONS_FILE,
+    ExactMatchResult,
+    exact_match_accuracy,
+    generation_budget,
+    write_generations,
+)
+from qlora_kit.pipelines.matching import check_references
+from qlora_kit.pipelines.optim import full_precision_adapters, optimizer_name
 
 log = logging.getLogger("qlora_kit")
 
@@ -53,37 +55,74 @@ RECIPE_FILE = "recipe.yaml"
 METRICS_FILE = "metrics.json"
 LOSS_CURVE = "loss_curve.png"
 _CHECKPOINT_PREFIX = "checkpoint-"
+_TRAINER_STATE = "trainer_state.json"  # the Trainer writes it last into a checkpoint
 
 
 class OutputDirError(UserInputError):
     """The output directory holds a run that would be overwritten; the message says what to set."""
 
 
+class CheckpointError(UserInputError):
+    """A checkpoint that cannot be resumed from; the message names it and what to do."""
+
+
 def last_complete_checkpoint(output_dir: Path) -> Path | None:
     """The newest ``checkpoint-N`` that finished saving (trainer_state.json is written last).
 
-    A run killed while saving leaves a partial directory; it is skipped, and every
-    earlier checkpoint is still there because the Trainer deletes old checkpoints only
-    after a new one is complete.
+    A run killed while saving leaves a partial directory (no trainer_state.json, or one cut
+    short); it is skipped, and every earlier checkpoint is still there because the Trainer
+    deletes old checkpoints only after a new one is complete.
     """
     complete = [
         d
         for d in output_dir.glob(f"{_CHECKPOINT_PREFIX}*")
-        if d.name[len(_CHECKPOINT_PREFIX) :].isdigit()
-        and (d / "trainer_state.json").is_file()
-        and (d / ADAPTER_WEIGHTS).is_file()
+        if d.name[len(_CHECKPOINT_PREFIX) :].isdigit() and _is_complete(d, int(d.name[len(_CHECKPOINT_PREFIX) :]))
     ]
     return max(complete, key=lambda d: int(d.name[len(_CHECKPOINT_PREFIX) :]), default=None)
+
+
+def _is_complete(checkpoint: Path, step: int) -> bool:
+    try:
+        state = json.loads((checkpoint / _TRAINER_STATE).read_text())
+    except (OSError, ValueError):
+        return False
+    return isinstance(state, dict) and state.get("global_step") == step and (checkpoint / ADAPTER_WEIGHTS).is_file()
+
+
+@contextmanager
+def reading_checkpoint(checkpoint: str | None) -> Iterator[None]:
+    """Report a checkpoint file that cannot be read, or that another recipe wrote, as a CheckpointError."""
+    try:
+        yield
+    except (RuntimeError, ValueError, KeyError, EOFError, OSError, pickle.UnpicklingError) as e:
+        if isinstance(e, UserInputError) or is_out_of_memory(e):
+            raise
+        reason = str(e).strip().partition("\n")[0].partition(". ")[0]  # torch's first sentence says it
+        raise CheckpointError(
+            f"cannot resume from {checkpoint} ({type(e).__name__}: {reason}): a file in it is corrupt, or a run "
+            "with another recipe wrote it; delete that checkpoint to resume from the one before, or start again "
+            "with training.resume=false output.overwrite=true"
+        ) from e
 
 
 def prepare_output_dir(recipe: Recipe) -> Path | None:
     """Check the output directory against overwrite/resume; returns the checkpoint to resume from."""
     out = Path(recipe.output.dir)
+    if out.exists() and not out.is_dir():
+        raise OutputDirError(f"output.dir '{out}' is a file; name a directory")
+    foreign = out.is_dir() and not (out / RECIPE_FILE).exists() and next(out.iterdir(), None)
+    if foreign and not recipe.output.overwrite:
+        raise OutputDirError(
+            f"output.dir '{out}' holds files that are not a qlora-kit run (e.g. {foreign.name}); name a new or "
+            "empty directory, or set output.overwrite=true to write into it"
+        )
     holds_run = out.is_dir() and (any(out.glob(f"{_CHECKPOINT_PREFIX}*")) or (out / ADAPTER_WEIGHTS).exists())
     if recipe.training.resume:
         checkpoint = last_complete_checkpoint(out) if out.is_dir() else None
         if checkpoint is None:
             log.warning("training.resume=true but %s has no complete checkpoint: starting from step 0", out)
+        else:
+            log.info("resuming from %s", checkpoint)
         return checkpoint
     if holds_run and not recipe.output.overwrite:
         raise OutputDirError(
@@ -105,38 +144,10 @@ def training_steps(recipe: Recipe, rows: int, processes: int) -> int:
     return math.ceil(t.epochs * max(batches // t.gradient_accumulation_steps, 1))
 
 
-def setup_qat(lm, recipe: Recipe) -> list:
-    """Put the recipe's fake-quant on every LoRA layer; returns the Trainer callbacks it needs."""
-    from transformers import TrainerCallback
-
-    q = recipe.qat
-    cfg = FakeQuantConfig(q.format, q.bits, q.group_size, q.symmetric, q.activation_bits)
-    try:
-        enable_qat(lm, cfg, active=q.start_step == 0)
-    except ValueError as e:  # e.g. a group size that does not divide a layer's input size
-        raise RecipeError(f"qat: {e}") from None
-    log.info(
-        "QAT: %s%d%s, group size %d, from step %d",
-        q.format,
-        q.bits,
-        " symmetric" if q.symmetric else "",
-        q.group_size,
-        q.start_step,
-    )
-
-    class StartQAT(TrainerCallback):
-        """Switches fake-quant on at qat.start_step (also when resuming past it)."""
-
-        def on_step_begin(self, args, state, control, **kwargs):
-            if state.global_step >= q.start_step:
-                set_qat_active(lm, True)
-
-    return [StartQAT()] if q.start_step > 0 else []
-
-
 def _trainer_class():
     from transformers import Trainer
-    from transformers.trainer import OPTIMIZER_NAME, SCHEDULER_NAME
+
+    OPTIMIZER_NAME, SCHEDULER_NAME = checkpoint_file_names()
 
     class QLoRATrainer(Trainer):
         """Saves and restores only the adapters, in PEFT's format.
@@ -144,7 +155,8 @@ def _trainer_class():
         Under FSDP the checkpoints hold the same files as on one GPU: the Trainer's own FSDP
         saving would gather the whole model's state dict and write FSDP-specific files, so
         here every process gathers the sharded LoRA weights and optimizer states, and the
-        main process writes them as one GPU does.
+        main process writes them as one GPU does. A checkpoint that cannot be resumed from is
+        a CheckpointError; a full disk while saving one, an ENOSPC OSError naming it.
         """
 
         def __init__(self, *args, adapter_config, **kwargs):
@@ -177,13 +189,23 @@ def _trainer_class():
                 torch.save(self.lr_scheduler.state_dict(), Path(output_dir) / SCHEDULER_NAME)
 
         def _load_optimizer_and_scheduler(self, checkpoint: str | None) -> None:
-            if not is_sharded(self.model) or checkpoint is None:
-                return super()._load_optimizer_and_scheduler(checkpoint)
-            optimizer_state = torch.load(Path(checkpoint) / OPTIMIZER_NAME, map_location="cpu", weights_only=True)
-            self.optimizer.load_state_dict(shard_optimizer_state(optimizer_state, self.optimizer))
-            self.lr_scheduler.load_state_dict(torch.load(Path(checkpoint) / SCHEDULER_NAME, weights_only=True))
+            with reading_checkpoint(checkpoint):
+                if not is_sharded(self.model) or checkpoint is None:
+                    return super()._load_optimizer_and_scheduler(checkpoint)
+                optimizer_state = torch.load(Path(checkpoint) / OPTIMIZER_NAME, map_location="cpu", weights_only=True)
+                self.optimizer.load_state_dict(shard_optimizer_state(optimizer_state, self.optimizer))
+                self.lr_scheduler.load_state_dict(torch.load(Path(checkpoint) / SCHEDULER_NAME, weights_only=True))
 
-    return QLoRATrainer
+        def _load_rng_state(self, checkpoint: str | None) -> None:
+            with reading_checkpoint(checkpoint):
+                super()._load_rng_state(checkpoint)
+
+        def _save_checkpoint(self, model, trial) -> None:
+            # The writers report a full disk without the path, torch.save without the OS error too.
+            with saving_to(Path(self.args.output_dir) / f"{_CHECKPOINT_PREFIX}{self.state.global_step}"):
+                super()._save_checkpoint(model, trial)
+
+    return check_trainer_hooks(QLoRATrainer)
 
 
 def training_arguments(
@@ -207,6 +229,8 @@ def training_arguments(
         gradient_accumulation_steps=t.gradient_accumulation_steps,
         learning_rate=t.learning_rate,
         lr_scheduler_type=t.lr_scheduler,
+        # A ratio, not a count: transformers 5 has no warmup_ratio and reads a warmup_steps < 1 as a
+        # fraction of the training steps; the recipe keeps warmup_ratio in [0, 1).
         warmup_steps=t.warmup_ratio,
         weight_decay=t.weight_decay,
         max_grad_norm=t.max_grad_norm,
@@ -233,13 +257,22 @@ def training_arguments(
     )
 
 
-def evaluate(trainer, lm, tokenizer, data: SFTData, recipe: Recipe, validation: bool = True) -> dict:
-    """Validation loss (when there is a validation split) and exact-match accuracy on the test split."""
-    metrics = {}
+def _evaluated_test(data: SFTData, recipe: Recipe) -> list[dict] | None:
+    """The test examples that are evaluated (at most eval.max_test_examples)."""
+    limit = recipe.eval.max_test_examples
+    return data.test[:limit] if data.test and limit else data.test
+
+
+def evaluate(
+    trainer, lm, tokenizer, data: SFTData, recipe: Recipe, max_new_tokens: int, validation: bool = True
+) -> tuple[dict, ExactMatchResult | None]:
+    """Validation loss (when there is a validation split) and exact-match accuracy on the test split,
+    with the test result itself on the processes that generated (else None)."""
+    metrics, result = {}, None
     if validation and data.validation is not None:
         metrics["val_loss"] = trainer.evaluate()["eval_loss"]
-    if data.test:
-        examples = data.test[: recipe.eval.max_test_examples] if recipe.eval.max_test_examples else data.test
+    examples = _evaluated_test(data, recipe)
+    if examples:
         # On the CPU, QAT's torch fake-quant would otherwise round every weight again for each new token.
         cache = cached_qat_weights(lm) if trainer.args.device.type == "cpu" else nullcontext()
         main = trainer.accelerator.is_main_process
@@ -247,12 +280,13 @@ def evaluate(trainer, lm, tokenizer, data: SFTData, recipe: Recipe, validation: 
         # the root module, which gathers its weights around generate().
         if main or is_sharded(trainer.model):
             with cache:
-                accuracy, _ = exact_match_accuracy(
-                    trainer.model, tokenizer, examples, recipe.eval.max_new_tokens, progress=main
+                result = exact_match_accuracy(
+                    trainer.model, tokenizer, examples, max_new_tokens, recipe.eval.match, progress=main
                 )
-            metrics["test_exact_match"] = accuracy
+            metrics["test_exact_match"] = result.accuracy
+            metrics["test_cut"] = result.cut
         trainer.accelerator.wait_for_everyone()
-    return metrics
+    return metrics, result
 
 
 def save_loss_curve(log_history: list[dict], path: Path) -> None:
@@ -280,7 +314,11 @@ def save_loss_curve(log_history: list[dict], path: Path) -> None:
 def train(recipe: Recipe) -> dict:
     """Run a recipe end to end; returns the before/after metrics (also in ``metrics.json``)."""
     from accelerate import PartialState
-    from transformers import get_scheduler
+
+    if recipe.training.method != "sft":  # DPO, ORPO
+        from qlora_kit.pipelines.preference import train_preference  # it builds on this module
+
+        return train_preference(recipe)
 
     # Without CUDA, processes launched together form a gloo group (accelerate's FSDP launcher,
     # unlike its others, does not pass use_cpu on to them).
@@ -293,6 +331,7 @@ def train(recipe: Recipe) -> dict:
         save_recipe(recipe, out / RECIPE_FILE)
 
     source = resolve_source(recipe.model.name_or_path, recipe.model.gguf_file)
+    check_supported(load_config(source))  # before the data is tokenized
     tokenizer = load_tokenizer(source)
     data = build_datasets(recipe.data, tokenizer, recipe.training.seed)
     log.info(
@@ -302,81 +341,25 @@ def train(recipe: Recipe) -> dict:
         len(data.test or []),
         data.skipped,
     )
+    test = _evaluated_test(data, recipe)
+    max_new_tokens = None
+    if test:  # checked and sized before the model loads
+        check_references(recipe.eval.match, test)
+        max_new_tokens = generation_budget(tokenizer, test, recipe.eval.max_new_tokens)
 
     device = state.device
-    compute_dtype = resolve_compute_dtype(recipe.model.compute_dtype, device)
-    torch.manual_seed(recipe.training.seed)
-    # Under FSDP the model waits in CPU memory until shard_model spreads it over the GPUs.
-    lm = load_quantized(
-        source,
-        device=device,
-        compute_dtype=compute_dtype,
-        attn_implementation=recipe.model.attn_implementation,
-        kernel=recipe.quantization.kernel,
+    built = build_training_model(
+        recipe,
+        device,
+        source=source,
+        total_steps=training_steps(recipe, len(data.train), state.num_processes),
+        processes=state.num_processes,
+        fsdp=fsdp,
         progress=state.is_main_process,
-        keep_on="cpu" if sharded else None,
     )
-    lora = recipe.lora
-    add_lora(lm, lora.r, lora.alpha, lora.dropout, lora.target_modules, lora.use_rslora)
-    callbacks = setup_qat(lm, recipe) if recipe.qat.enabled else []
-    if recipe.training.fused_kernels:
-        use_fused_ops(lm)
-    else:  # the plain PyTorch path: stock ops, plain LoRA autograd, full-logits loss
-        for m in lora_modules(lm).values():
-            m.fused = False
-    lm.config.use_cache = False
-    t = recipe.training
-    if t.gradient_checkpointing:
-        lm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-        for layer in lm.model.layers[max(len(lm.model.layers) - t.uncheckpointed_layers, 0) :]:
-            layer.gradient_checkpointing = False
-        if t.offload_activations:
-            use_offloaded_checkpointing(lm)
-    if t.offload_embeddings:
-        if sharded:
-            raise RecipeError(
-                "training.offload_embeddings does not work under FSDP, which shards the embeddings "
-                "over the GPUs with the rest of the model: set it to false"
-            )
-        try:
-            offload_embeddings(lm)
-        except ValueError as e:
-            raise RecipeError(f"training.offload_embeddings: {e}") from None
-    trainable = sum(p.numel() for p in lm.parameters() if p.requires_grad)
-    log.info("LoRA r=%d on %s: %.2fM trainable parameters", lora.r, lora.target_modules, trainable / 1e6)
-
-    adapter_config = peft_config(lm, lora.r, lora.alpha, lora.dropout, lora.use_rslora, recipe.model.name_or_path)
-    optimizers = (None, None)
-    if t.optimizer_in_backward:
-        if state.num_processes > 1:
-            raise RecipeError(
-                "training.optimizer_in_backward works in a single process: its hooks would step "
-                "before the gradients of other processes are reduced"
-            )
-        steps = training_steps(recipe, len(data.train), state.num_processes)
-        optimizers = optimizer_in_backward(
-            lm,
-            optimizer_name(t.optimizer, device),
-            t.learning_rate,
-            t.weight_decay,
-            lambda opt: get_scheduler(t.lr_scheduler, opt, math.ceil(t.warmup_ratio * steps), steps),
-            offload_adapters=t.offload_adapters,
-        )
-    model = SFTModel(lm, chunked_loss=recipe.training.fused_kernels)
-    if sharded:
-        shard_model(model, lm.model.layers, fsdp.reshard_after_forward)
-        # accelerate runs FSDP on GPUs only; on the CPU (gloo) it would wrap the sharded model
-        # in DDP. Marked as prepared, accelerate leaves it as it is on both.
-        model._is_accelerate_prepared = True
-        local, total = nf4_storage_bytes(lm)
-        log.info(
-            "FSDP over %d processes: this one holds %.1f%% of the %.1f MB of NF4 weights",
-            state.num_processes,
-            100 * local / total,
-            total / 2**20,
-        )
+    lm, compute_dtype, adapter_config = built.lm, built.compute_dtype, built.adapter_config
     trainer = _trainer_class()(
-        model=model,
+        model=built.model,
         args=training_arguments(
             recipe,
             device,
@@ -389,38 +372,59 @@ def train(recipe: Recipe) -> dict:
         eval_dataset=data.validation,
         data_collator=DataCollator(tokenizer),
         processing_class=tokenizer,
-        callbacks=callbacks,
-        optimizers=optimizers,
+        callbacks=built.callbacks,
+        optimizers=built.optimizers,
         adapter_config=adapter_config,
     )
 
     # The validation loss before training comes from the Trainer's eval_on_start: under FSDP
     # the Trainer can evaluate only once it has prepared the model and the optimizer together.
-    before = evaluate(trainer, lm, tokenizer, data, recipe, validation=False) if resume_from is None else {}
+    before, before_test = {}, None
+    if resume_from is None:
+        before, before_test = evaluate(trainer, lm, tokenizer, data, recipe, max_new_tokens, validation=False)
     trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
     if resume_from is None and data.validation is not None:
         before["val_loss"] = next(e["eval_loss"] for e in trainer.state.log_history if "eval_loss" in e)
-    after = evaluate(trainer, lm, tokenizer, data, recipe)
+    after, after_test = evaluate(trainer, lm, tokenizer, data, recipe, max_new_tokens)
 
     metrics = {"before": before, "after": after, "train_steps": trainer.state.global_step}
+    if test:
+        metrics["test"] = {
+            "examples": len(test),
+            "max_new_tokens": max_new_tokens,
+            "match": recipe.eval.match,
+            "generations": GENERATIONS_FILE,
+        }
     with full_precision_adapters(lm):
         save_adapter(lm, out, adapter_config, write=state.is_main_process)  # under FSDP a collective
     if state.is_main_process:
         tokenizer.save_pretrained(out)
         save_loss_curve(trainer.state.log_history, out / LOSS_CURVE)
         (out / METRICS_FILE).write_text(json.dumps(metrics, indent=2))
-        print(format_metrics(metrics, out))
+        if after_test is not None:
+            tests = {"before": before_test, "after": after_test} if before_test is not None else {"after": after_test}
+            write_generations(out / GENERATIONS_FILE, tests)
+        print(format_metrics(metrics, out, after_test))
     state.wait_for_everyone()
     return metrics
 
 
-def format_metrics(metrics: dict, out: Path) -> str:
-    """The before/after table printed at the end of a run."""
+def format_metrics(metrics: dict, out: Path, test: ExactMatchResult | None = None) -> str:
+    """The before/after table printed at the end of a run; with the final test result, a few of
+    its wrong answers."""
     rows = [("validation loss", "val_loss", "{:.4f}"), ("test exact match", "test_exact_match", "{:.1%}")]
+    if any(stage.get("test_cut") for stage in (metrics["before"], metrics["after"])):
+        budget, examples = metrics["test"]["max_new_tokens"], metrics["test"]["examples"]
+        rows.append((f"  cut at {budget} tokens", "test_cut", f"{{}}/{examples}"))
     lines = [f"\n{'':20}{'before':>12}{'after':>12}"]
     for label, key, fmt in rows:
         if key in metrics["after"]:
             before = fmt.format(metrics["before"][key]) if key in metrics["before"] else "-"
             lines.append(f"{label:20}{before:>12}{fmt.format(metrics['after'][key]):>12}")
+    if test is not None and test.cut:
+        lines.append(f"\nafter training: {test.summary()}")
+    mismatches = test.format_mismatches() if test is not None else ""
+    if mismatches:
+        lines.append(f"\n{mismatches}\nevery test generation, before and after: {out / GENERATIONS_FILE}")
     lines.append(f"\nadapter, tokenizer, recipe, metrics and loss curve in {out}/")
     return "\n".join(lines)

@@ -1,6 +1,6 @@
 """Group-wise int-k quantization grid shared by RTN, GPTQ, AWQ and QAT.
 
-One grid, exactly as the GPTQ and AWQ checkpoints store it (formats.md), so
+One grid, exactly as the GPTQ and AWQ checkpoints store it (docs/formats.md), so
 the integer codes produced here pack losslessly:
 
     symmetric:  scale = 2*max|w| / (2^bits - 1),   zero = 2^(bits-1)

@@ -27,6 +27,8 @@ from functools import cache
 
 import torch
 
+from qlora_kit.kernels.dispatch import use_triton
+
 BLOCKSIZE = 64
 NESTED_BLOCKSIZE = 256
 
@@ -207,20 +209,12 @@ def dequantize_nf4_reference(t: NF4Tensor, dtype: torch.dtype | None = None) -> 
     return w.view(t.shape).to(dtype or t.dtype)
 
 
-def _use_triton(device: torch.device) -> bool:
-    if device.type != "cuda":
-        return False
-    from qlora_kit.kernels import nf4 as kernels
-
-    return kernels.available()
-
-
 def quantize_nf4(weight: torch.Tensor, blocksize: int = BLOCKSIZE) -> NF4Tensor:
     """Quantize a weight to NF4 + double-quantized absmax (Triton on CUDA, torch elsewhere)."""
     _check_weight(weight)
     if blocksize != BLOCKSIZE:
         raise ValueError(f"only blocksize {BLOCKSIZE} is supported (bitsandbytes' default), got {blocksize}")
-    if _use_triton(weight.device):
+    if use_triton("auto", weight):
         from qlora_kit.kernels.nf4 import quantize_nf4_blocks
 
         packed, absmax = quantize_nf4_blocks(weight.reshape(-1), nf4_code(weight.device), blocksize)
@@ -234,12 +228,11 @@ def dequantize_nf4(
 ) -> torch.Tensor:
     """Dequantize to ``dtype`` (default: the original dtype).
 
-    ``kernel``: "auto" (Triton on CUDA, torch elsewhere), "triton" or "torch".
+    ``kernel``: "auto" (Triton on CUDA, torch elsewhere), "triton" or "torch" (:mod:`qlora_kit.kernels.dispatch`).
     ``out``: an optional preallocated tensor of the weight's shape to write into.
     """
     dtype = dtype or t.dtype
-    use_triton = _use_triton(t.device) if kernel == "auto" else kernel == "triton"
-    if use_triton:
+    if use_triton(kernel, t.packed):
         from qlora_kit.kernels.nf4 import dequantize_nf4_dq
 
         return dequantize_nf4_dq(

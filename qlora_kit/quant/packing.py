@@ -1,4 +1,4 @@
-"""Checkpoint tensor layouts for 4-bit GPTQ (v1) and AWQ (gemm), per formats.md.
+"""Checkpoint tensor layouts for 4-bit GPTQ (v1) and AWQ (gemm), per docs/formats.md.
 
 GPTQ v1, Linear with in=K, out=N, group size g (G = K/g groups):
     qweight [K/8, N] int32  packed along the INPUT dim: input channel 8*row + j

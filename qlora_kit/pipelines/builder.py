@@ -1,0 +1,226 @@
+"""The training model, assembled from a recipe: the one function train(), the benchmarks and the tests use.
+
+    base (a checkpoint, streamed into NF4; or random NF4 weights of a config's shape)
+      -> LoRA on the targeted linears (recipe.lora)
+      -> QAT fake-quant (recipe.qat)
+      -> fused ops, or the plain PyTorch path (training.fused_kernels)
+      -> the MLPs in chunks of tokens (training.mlp_chunk_tokens)
+      -> gradient checkpointing, uncheckpointed layers, offloaded checkpoints and embeddings
+      -> optimizer inside backward, offloaded adapters (training.optimizer_in_backward, offload_adapters)
+      -> SFTModel (the SFT loss) or PreferenceModel (DPO/ORPO log-probs: training.method), sharded under FSDP
+
+Every switch is a recipe key, so a benchmark configured by recipe overrides measures
+exactly what a user's recipe trains.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from qlora_kit.config import Recipe, RecipeError
+from qlora_kit.model.adapters import add_lora, peft_config
+from qlora_kit.model.build import build_random_quantized
+from qlora_kit.model.fsdp import nf4_storage_bytes, shard_model
+from qlora_kit.model.fused import use_fused_ops
+from qlora_kit.model.load import load_quantized, resolve_compute_dtype
+from qlora_kit.model.offload import offload_embeddings, use_offloaded_checkpointing
+from qlora_kit.model.sft import SFTModel
+from qlora_kit.model.sources import ModelSource
+from qlora_kit.modules.fake_quant import FakeQuantConfig
+from qlora_kit.modules.qat_lora import enable_qat, set_qat_active
+from qlora_kit.modules.tiled_mlp import use_tiled_mlp
+from qlora_kit.pipelines.optim import optimizer_in_backward, optimizer_name
+
+log = logging.getLogger("qlora_kit")
+
+
+@dataclass
+class TrainingModel:
+    """What :func:`build_training_model` assembles.
+
+    ``model`` is what the Trainer (or a benchmark's loop) trains: ``model(input_ids=..., labels=...)["loss"]``;
+    ``lm`` the causal LM inside it. ``optimizers`` is the Trainer's ``optimizers=`` argument:
+    the per-layer optimizers stepped inside backward, or ``(None, None)`` (the Trainer makes one).
+    ``callbacks`` are Trainer callbacks the recipe needs (QAT's start step).
+    """
+
+    model: nn.Module  # SFTModel, or PreferenceModel for training.method dpo/orpo
+    lm: nn.Module
+    compute_dtype: torch.dtype
+    adapter_config: dict
+    optimizers: tuple = (None, None)
+    callbacks: list = field(default_factory=list)
+
+
+def build_training_model(
+    recipe: Recipe,
+    device: torch.device | str,
+    *,
+    source: ModelSource | None = None,
+    random_config=None,
+    total_steps: int | None = None,
+    processes: int = 1,
+    fsdp=None,
+    progress: bool = True,
+) -> TrainingModel:
+    """Assemble the model ``recipe`` trains, on ``device``.
+
+    Args:
+        recipe: the model, quantization, lora, qat and training sections are read.
+        source: the base checkpoint (:func:`~qlora_kit.model.sources.resolve_source`); or
+        random_config: a transformers config whose shape gets random NF4 weights (benchmarks).
+        total_steps: optimizer steps of the run, for the schedules of ``optimizer_in_backward``.
+        processes: data-parallel processes (``optimizer_in_backward`` needs one).
+        fsdp: accelerate's FSDP plugin (:func:`~qlora_kit.model.fsdp.fsdp_plugin_from_launch`) or None:
+            with it, the model waits in CPU memory and is sharded over the processes.
+
+    Raises:
+        RecipeError: a combination of recipe keys this model cannot train with.
+    """
+    if (source is None) == (random_config is None):
+        raise ValueError("pass exactly one of source and random_config")
+    device = torch.device(device)
+    t = recipe.training
+    sharded = fsdp is not None
+    _check(recipe, processes, sharded)
+    compute_dtype = resolve_compute_dtype(recipe.model.compute_dtype, device)
+    torch.manual_seed(t.seed)
+    # Under FSDP the model waits in CPU memory until shard_model spreads it over the GPUs.
+    keep_on = "cpu" if sharded else None
+    if source is not None:
+        lm = load_quantized(
+            source,
+            device=device,
+            compute_dtype=compute_dtype,
+            attn_implementation=recipe.model.attn_implementation,
+            kernel=recipe.quantization.kernel,
+            progress=progress,
+            keep_on=keep_on,
+        )
+    else:
+        lm = build_random_quantized(
+            random_config, device, compute_dtype, recipe.model.attn_implementation, t.seed, progress, keep_on
+        )
+    lora = recipe.lora
+    # training.fused_kernels false is the plain PyTorch path: plain LoRA autograd, stock ops, full-logits loss.
+    add_lora(lm, lora.r, lora.alpha, lora.dropout, lora.target_modules, lora.use_rslora, fused=t.fused_kernels)
+    callbacks = _setup_qat(lm, recipe) if recipe.qat.enabled else []
+    if t.fused_kernels:
+        use_fused_ops(lm)
+    if t.mlp_chunk_tokens:
+        # After the fused ops: each chunk runs the MLP forward the model has by now.
+        try:
+            use_tiled_mlp(lm, t.mlp_chunk_tokens)
+        except ValueError as e:
+            raise RecipeError(f"training.mlp_chunk_tokens: {e}") from None
+    lm.config.use_cache = False
+    if t.gradient_checkpointing:
+        lm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        for layer in lm.model.layers[max(len(lm.model.layers) - t.uncheckpointed_layers, 0) :]:
+            layer.gradient_checkpointing = False
+        if t.offload_activations:
+            use_offloaded_checkpointing(lm)
+    if t.offload_embeddings:
+        try:
+            offload_embeddings(lm)
+        except ValueError as e:
+            raise RecipeError(f"training.offload_embeddings: {e}") from None
+    trainable = sum(p.numel() for p in lm.parameters() if p.requires_grad)
+    log.info("LoRA r=%d on %s: %.2fM trainable parameters", lora.r, lora.target_modules, trainable / 1e6)
+
+    adapter_config = peft_config(lm, lora.r, lora.alpha, lora.dropout, lora.use_rslora, recipe.model.name_or_path)
+    optimizers = (None, None)
+    if t.optimizer_in_backward:
+        optimizers = _optimizer_in_backward(lm, recipe, device, total_steps)
+    if t.method == "sft":
+        model = SFTModel(lm, chunked_loss=t.fused_kernels)
+    else:
+        from qlora_kit.model.preference import PreferenceModel  # imports TRL, which SFT does not need
+
+        model = PreferenceModel(lm, t.fused_kernels)
+    if sharded:
+        _shard(model, lm, processes, fsdp.reshard_after_forward)
+    return TrainingModel(model, lm, compute_dtype, adapter_config, optimizers, callbacks)
+
+
+def _check(recipe: Recipe, processes: int, sharded: bool) -> None:
+    """Recipe combinations that cannot work, refused before any weight is loaded."""
+    t = recipe.training
+    if t.offload_activations and not t.gradient_checkpointing:
+        raise RecipeError("training.offload_activations needs training.gradient_checkpointing: true")
+    if t.offload_embeddings and sharded:
+        raise RecipeError(
+            "training.offload_embeddings does not work under FSDP, which shards the embeddings "
+            "over the GPUs with the rest of the model: set it to false"
+        )
+    if t.optimizer_in_backward and processes > 1:
+        raise RecipeError(
+            "training.optimizer_in_backward works in a single process: its hooks would step "
+            "before the gradients of other processes are reduced"
+        )
+
+
+def _setup_qat(lm: nn.Module, recipe: Recipe) -> list:
+    """Put the recipe's fake-quant on every LoRA layer; returns the Trainer callbacks it needs."""
+    from transformers import TrainerCallback
+
+    q = recipe.qat
+    cfg = FakeQuantConfig(q.format, q.bits, q.group_size, q.symmetric, q.activation_bits)
+    try:
+        enable_qat(lm, cfg, active=q.start_step == 0)
+    except ValueError as e:  # e.g. a group size that does not divide a layer's input size
+        raise RecipeError(f"qat: {e}") from None
+    log.info(
+        "QAT: %s%d%s, group size %d, from step %d",
+        q.format,
+        q.bits,
+        " symmetric" if q.symmetric else "",
+        q.group_size,
+        q.start_step,
+    )
+
+    class StartQAT(TrainerCallback):
+        """Switches fake-quant on at qat.start_step (also when resuming past it)."""
+
+        def on_step_begin(self, args, state, control, **kwargs):
+            if state.global_step >= q.start_step:
+                set_qat_active(lm, True)
+
+    return [StartQAT()] if q.start_step > 0 else []
+
+
+def _optimizer_in_backward(lm: nn.Module, recipe: Recipe, device: torch.device, total_steps: int | None) -> tuple:
+    from transformers import get_scheduler
+
+    t = recipe.training
+    if total_steps is None:
+        raise ValueError("training.optimizer_in_backward needs total_steps for its schedules")
+    return optimizer_in_backward(
+        lm,
+        optimizer_name(t.optimizer, device),
+        t.learning_rate,
+        t.weight_decay,
+        lambda opt: get_scheduler(t.lr_scheduler, opt, math.ceil(t.warmup_ratio * total_steps), total_steps),
+        offload_adapters=t.offload_adapters,
+    )
+
+
+def _shard(model: SFTModel, lm: nn.Module, processes: int, reshard_after_forward: bool) -> None:
+    from qlora_kit.compat import mark_prepared
+
+    shard_model(model, lm.model.layers, reshard_after_forward)
+    # accelerate runs FSDP on GPUs only; on the CPU (gloo) it would wrap the sharded model
+    # in DDP. Marked as prepared, accelerate leaves it as it is on both.
+    mark_prepared(model)
+    local, total = nf4_storage_bytes(lm)
+    log.info(
+        "FSDP over %d processes: this one holds %.1f%% of the %.1f MB of NF4 weights",
+        processes,
+        100 * local / total,
+        total / 2**20,
+    )

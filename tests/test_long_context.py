@@ -1,0 +1,117 @@
+"""Long context: what the model never materialises, and the search of scripts/bench_context.py.
+
+- attention: with sdpa and no padding, torch's sdpa gets no [seq x seq] mask and is_causal=True,
+  so CUDA can run its flash / memory-efficient kernels (memory linear in the sequence);
+- the frozen input embedding gets no [vocab x hidden] gradient;
+- the longest-fit search finds the longest multiple of the step that fits, whatever the start.
+"""
+
+import importlib.util
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+
+from qlora_kit.model.sources import resolve_source
+from qlora_kit.pipelines.builder import build_training_model
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def bench_context():
+    spec = importlib.util.spec_from_file_location("bench_context", REPO / "scripts" / "bench_context.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def built_model(tmp_path, model_dir, task_files, make_recipe, *overrides):
+    recipe = make_recipe(tmp_path, model_dir, task_files, *overrides)
+    built = build_training_model(recipe, "cpu", source=resolve_source(str(model_dir)), progress=False)
+    built.model.train()
+    return built
+
+
+@pytest.mark.parametrize("mask", [None, "ones"])
+def test_sdpa_gets_no_mask_for_an_unpadded_batch(tmp_path, tiny_model_dir, task_files, make_recipe, monkeypatch, mask):
+    """What the data collator passes for unpacked rows (a mask of ones) builds no 4D mask either."""
+    built = built_model(tmp_path, tiny_model_dir, task_files, make_recipe)
+    calls = []
+    sdpa = torch.nn.functional.scaled_dot_product_attention
+
+    def spy(q, k, v, attn_mask=None, dropout_p=0.0, is_causal=False, **kwargs):
+        calls.append((attn_mask, is_causal))
+        return sdpa(q, k, v, attn_mask=attn_mask, dropout_p=dropout_p, is_causal=is_causal, **kwargs)
+
+    monkeypatch.setattr(torch.nn.functional, "scaled_dot_product_attention", spy)
+    ids = torch.randint(0, 1000, (1, 40))
+    kwargs = {"attention_mask": torch.ones_like(ids)} if mask == "ones" else {}
+    built.model(input_ids=ids, labels=ids, **kwargs)["loss"].backward()
+    assert len(calls) == 2 * 2  # 2 layers, forward and the checkpoint's recomputation
+    assert all(attn_mask is None and is_causal for attn_mask, is_causal in calls)
+
+
+class _Ops(TorchDispatchMode):
+    """The aten ops run inside the block."""
+
+    def __init__(self):
+        super().__init__()
+        self.names = set()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.names.add(func.__name__)
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.parametrize("levers", [[], ["training.offload_activations=true"], ["training.fused_kernels=false"]])
+def test_no_gradient_for_the_frozen_embedding(tmp_path, tiny_model_dir, task_files, make_recipe, levers):
+    built = built_model(tmp_path, tiny_model_dir, task_files, make_recipe, *levers)
+    embedding = built.lm.get_input_embeddings().weight
+    ids = torch.randint(0, 1000, (1, 40))
+    loss = built.model(input_ids=ids, labels=ids)["loss"]
+    ops = _Ops()
+    with ops:
+        loss.backward()
+    assert "mm.default" in ops.names  # the spy sees the backward's ops
+    assert not any("embedding" in name for name in ops.names)
+    assert not embedding.requires_grad and embedding.grad is None
+    assert all(p.grad is not None for p in built.model.parameters() if p.requires_grad)
+
+
+@pytest.mark.parametrize("limit", [0, 5, 8192, 8193, 24575, 57344, 65536, 100000, 10**7])
+@pytest.mark.parametrize("start", [8192, 65536, 139264])
+def test_longest_fit_search(limit, start):
+    search = bench_context()
+    tried = []
+
+    def fits(seq):
+        assert seq % 8192 == 0 and 8192 <= seq <= 262144
+        tried.append(seq)
+        return seq <= limit
+
+    assert search.longest_fit(fits, 8192, start, 262144) == min(limit // 8192 * 8192, 262144)
+    assert len(tried) == len(set(tried)) <= 12  # doubling and bisecting, no length twice
+
+
+@pytest.mark.slow
+def test_dry_run_of_the_search(tmp_path):
+    """The CPU dry run: trials in subprocesses, a simulated cap of 352 tokens, step 64."""
+    out = tmp_path / "trials.json"
+    done = subprocess.run(
+        [sys.executable, str(REPO / "scripts/bench_context.py"), "--dry-run", "--side", "ours,stock", "--json", out],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert done.returncode == 0, done.stderr
+    rows = {line.split()[0]: line.split() for line in done.stdout.splitlines() if line.startswith(("ours ", "stock "))}
+    assert rows["ours"][1] == "320" and rows["stock"][1] == "skipped:"
+
+    trials = json.loads(out.read_text())["trials"]["ours"]
+    assert sorted(map(int, trials)) == [64, 128, 256, 320, 384, 512]
+    assert all(t["fits"] == (int(seq) <= 320) for seq, t in trials.items())
+    assert all(len(t["losses"]) == 3 for t in trials.values() if t["fits"])  # 3 optimizer steps
