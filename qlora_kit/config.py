@@ -512,16 +512,24 @@ def _validate(recipe: Recipe, where: Callable[[str], str]) -> None:
             f"{where('qat.bits')}: invalid value {recipe.qat.bits!r} for "
             "'qat.bits' — qat.format nf4 is a 4-bit format, so bits must be 4"
         )
-    if t.method != "sft":
-        _validate_preference(recipe, where)
+    _validate_preference(recipe, where)
 
 
 def _validate_preference(recipe: Recipe, where: Callable[[str], str]) -> None:
-    """The preference section against training.method and the data section (dpo and orpo only)."""
+    """The preference section against training.method and the data section."""
     method, p, d = recipe.training.method, recipe.preference, recipe.data
 
     def refuse(key: str, why: str) -> None:
         raise RecipeError(f"{where(key)}: '{key}' {why}")
+
+    if method == "sft":
+        for key, value in (
+            ("preference.init_adapter", p.init_adapter),
+            ("preference.reference_adapter", p.reference_adapter),
+        ):
+            if value is not None:
+                refuse(key, "applies to training.method dpo or orpo; an SFT run starts from fresh adapters")
+        return
 
     if d.packing:
         refuse(

@@ -434,6 +434,9 @@ def format_report(report: dict) -> str:
         if mismatches:
             lines.append(f"\n{report['exported']}: {mismatches}")
         lines.append(f"every test generation of every model: {directory / report['generations']}")
+    if report.get("gguf_file"):
+        lines.append(f"GGUF file {report['out']}/{report['gguf_file']} (and a Modelfile for Ollama), report.json")
+        return "\n".join(lines)
     kind = "merged bf16" if report["quantize"] == "none" else report["quantize"].upper()
     lines.append(f"{kind} checkpoint and report.json in {report['out']}/")
     return "\n".join(lines)

@@ -274,7 +274,10 @@ def merge(options: MergeOptions) -> dict:
             label = "merged bf16" if spec is None else spec.label
             row = {"model": label, "seconds": round(time.perf_counter() - start, 1)}
             if evaluation is not None:
-                state = writer.read_back() if collector is None else collector.state
+                if collector is None:
+                    state = {k: v.to(compute_dtype) for k, v in writer.read_back().items()}
+                else:
+                    state = collector.state
                 measured, tests[label] = evaluation(stock_model(config, state, device, compute_dtype))
                 del state
                 row |= measured
@@ -303,6 +306,8 @@ def merge(options: MergeOptions) -> dict:
             "generations": GENERATIONS_FILE if tested else None,
             "results": results,
         }
+        if isinstance(writer, GGUFDirectoryWriter):
+            report["gguf_file"] = writer.file_name
         if tested:
             # Into the partial directory, like report.json: published only with the whole checkpoint.
             write_generations(writer.partial / GENERATIONS_FILE, {r["model"]: tests[r["model"]] for r in results})
