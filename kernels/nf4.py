@@ -1,5 +1,8 @@
 """Triton kernels for NF4 with double quantization (bitsandbytes' layout).
 
+Its length: the two kernels and their launch plans (validation, tuned config, direct launch)
+belong to one format and one set of bit-exactness tests.
+
 Two kernels, each computing exactly the bits of the torch reference in
 ``qlora_kit.quant.nf4``:
 

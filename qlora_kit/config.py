@@ -1,5 +1,8 @@
 """Recipes: YAML files (+ ``key=value`` overrides) -> a validated, typed :class:`Recipe`.
 
+Its length (one file over ~400 lines): the whole recipe schema, its choices and ranges, and the
+checks across sections live together so that every key is defined and validated in one place.
+
 The schema is a tree of dataclasses read through OmegaConf structured configs, which
 converts and type-checks values. Everything is checked here, before any model is
 loaded, and every error names the dotted key and where it was set (``file:line`` or

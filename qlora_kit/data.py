@@ -1,5 +1,8 @@
 """Training data: rows -> chat messages -> token ids with masked labels -> packed rows.
 
+Its length: the four row formats, the chat template, label masking and packing are one data path
+with shared file/row error reporting.
+
 A recipe's ``data`` section names files (or hub datasets) in one of four formats:
 
 - ``messages``: a list of ``{"role", "content"}`` chat messages per row;

@@ -1,5 +1,8 @@
 """QLoRA training step: qlora-kit against transformers + peft + bitsandbytes, Liger and Unsloth, in one run (CUDA).
 
+Its length: every side (stock, Liger, Unsloth, ours) and the per-side subprocess plumbing are one
+benchmark, so that all sides are measured by the same loop.
+
 Every side gets a Llama-shape model with random weights in NF4 + double quantization,
 LoRA on all seven projections, gradient checkpointing, bitsandbytes' PagedAdamW8bit,
 bf16 autocast, and the same random tokens (every position labelled). Warm-up steps are

@@ -105,7 +105,15 @@ def measure(path: Path, text: str, ids: list[int], examples: list[dict], budget:
     from qlora_kit.pipelines.matching import answers_match
 
     start = time.perf_counter()
-    llm = Llama(str(path), n_ctx=max(args.window, 1024), n_batch=args.window, logits_all=True, verbose=False)
+    llm = Llama(
+        str(path),
+        n_ctx=max(args.window, 1024),
+        n_batch=args.window,
+        logits_all=True,
+        n_threads=args.threads,
+        n_threads_batch=args.threads,
+        verbose=False,
+    )
     row = {
         "file": path.name,
         "mib": round(path.stat().st_size / 2**20, 1),
@@ -173,6 +181,9 @@ def main() -> None:
     parser.add_argument("--eval-text", type=Path, default=ROOT / "examples/heldout/essays.txt")
     parser.add_argument("--window", type=int, default=512, help="perplexity window, tokens")
     parser.add_argument("--test-examples", type=int, default=200, help="the first N test examples for exact match")
+    parser.add_argument(
+        "--threads", type=int, default=1, help="llama.cpp threads (spinning threads crawl on a busy CPU)"
+    )
     args = parser.parse_args()
 
     from transformers import AutoTokenizer
@@ -207,10 +218,15 @@ def main() -> None:
 
     rows = {}
     for label, path in files.items():
+        cached = args.out / "measured" / f"{label}.json"  # rows of an earlier run on the same examples
+        if cached.is_file() and json.loads(cached.read_text())["examples"] == len(examples):
+            rows[label] = json.loads(cached.read_text())
+            continue
         print(f"measuring {label}", flush=True)
-        rows[label] = measure(path, text, ids, examples, budget, recipe.eval.match, args) | {
-            "export_seconds": seconds.get(label)
-        }
+        row = measure(path, text, ids, examples, budget, recipe.eval.match, args)
+        rows[label] = row | {"examples": len(examples), "export_seconds": seconds.get(label)}
+        cached.parent.mkdir(exist_ok=True)
+        cached.write_text(json.dumps(rows[label]) + "\n")
     rmse = {
         t: rmse_against_llama_cpp(files[t], files[f"llama.cpp {t}"], files["f16"]) for t in K_TYPES if t in args.types
     }

@@ -478,3 +478,22 @@ def test_dpo_on_two_processes_equals_one_with_twice_the_accumulation(tmp_path, t
     a, b = ([(e["loss"], e["grad_norm"], e["rewards/margins"]) for e in log if "grad_norm" in e] for log in logs)
     assert len(a) == 3 and torch.allclose(torch.tensor(a), torch.tensor(b), rtol=1e-4, atol=1e-6)
     assert a[-1][2] > 0  # the margin opened
+
+
+def test_the_shipped_pairs_are_the_seeded_scripts_and_checkable(tmp_path):
+    import subprocess
+    import sys
+
+    root = Path(__file__).resolve().parents[1]
+    subprocess.run(
+        [sys.executable, str(root / "scripts/make_preference_dataset.py"), "--out", str(tmp_path)],
+        check=True,
+        capture_output=True,
+    )
+    for split in ("train", "valid"):
+        shipped = (root / "examples/date-iso-pref" / f"{split}.jsonl").read_text()
+        assert (tmp_path / f"{split}.jsonl").read_text() == shipped
+        for row in map(json.loads, shipped.splitlines()):
+            assert row["chosen"][0]["content"] != row["rejected"][0]["content"].strip()
+    recipe = load_recipe(root / "recipes/quickstart-dpo.yaml")
+    assert recipe.training.method == "dpo" and Path(recipe.data.train).is_file()

@@ -1,5 +1,8 @@
 """Evaluation used at every stage: perplexity on held-out text, response loss, logit agreement, exact-match accuracy.
 
+Its length: every stage's evaluation (training's report and the merge report) is this one module,
+so that both measure the same way.
+
 The exact-match part serves training's before/after report and the merge report alike: greedy
 answers within a generation budget sized from the data, a count of the answers that the budget cut,
 the matching rule of ``eval.match``, and every generation, to be shown and written out.

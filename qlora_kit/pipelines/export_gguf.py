@@ -1,5 +1,8 @@
 """GGUF export of a Llama-family model (llama, mistral, qwen2, qwen3), written tensor by tensor.
 
+Its length: llama.cpp's metadata keys, tensor names and tokenizer fields are one format;
+splitting them would scatter the mapping a reader checks against the format.
+
 A GGUF file is a header, the metadata, a table of tensor infos (name, shape, type, offset of
 the data) and then the tensors' data, each at its offset. The table must precede the data, but
 nothing in it depends on the weights' values: the tensor list and shapes come from the config

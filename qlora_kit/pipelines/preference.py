@@ -1,5 +1,7 @@
 """Preference training: recipe -> pairs -> NF4 model + LoRA -> DPO or ORPO -> adapter directory.
 
+Its length: the DPO/ORPO trainer glue and its before/after preference report mirror train.py.
+
 The same stages as SFT (:mod:`qlora_kit.pipelines.train`): the recipe, output directory and
 data are checked before the model loads, :func:`~qlora_kit.pipelines.builder.build_training_model`
 assembles the model (its :class:`~qlora_kit.model.preference.PreferenceModel` wrapper scores

@@ -1,5 +1,8 @@
 """The training pipeline: recipe -> data -> NF4 model + LoRA -> Trainer -> adapter directory.
 
+Its length: the Trainer subclass's PEFT/FSDP saving and checkpoint completeness rules sit beside
+the pipeline they serve.
+
 Everything that can be checked without the model (recipe, output directory, data) is
 checked first. The Hugging Face Trainer supplies gradient accumulation, schedules,
 logging, evaluation, checkpointing and resume; this module supplies the model, the

@@ -1,5 +1,7 @@
 """GGUF block quantizers: llama.cpp's ggml-quants.c formats, in torch, vectorized over blocks.
 
+Its length: one section per GGUF type, as ggml-quants.c has them, so the file reads like the format.
+
 A quantized GGUF tensor is its rows one after another, each row a run of fixed-size blocks
 (32 weights for the legacy types, a 256-weight super-block for the K-quants). Each section
 below gives one type's block as ggml-common.h lays it out (field names and byte order as in
