@@ -10,8 +10,8 @@ For one adapter directory (the quickstart's):
    windows of ``--window`` tokens, the NLL computed here from llama.cpp's logits, the same token ids for
    every file), a chat answer through the file's own template (does it stop by itself?), exact match on
    the recipe's test examples (greedy chat completions) and the file size;
-4. per tensor, the RMSE against our f16 file of our K-quants and of llama.cpp's, over the tensors both
-   files give the same type, and how many of those tensors hold the same bytes.
+4. per K-quant tensor, the RMSE against the fp32 merged weights of our export and of llama.cpp's
+   quantization of our f16 file, and whether our quantizer given that f16 tensor writes llama.cpp's bytes.
 
     pip install llama-cpp-python==0.3.36        # builds llama.cpp (minutes)
     python train.py recipes/quickstart.yaml
@@ -138,12 +138,40 @@ def tensors(path: Path) -> dict:
     return {t.name: t for t in gguf.GGUFReader(path).tensors}
 
 
-def rmse_against_llama_cpp(ours: Path, theirs: Path, f16: Path) -> dict:
+def merged_fp32(adapter_dir: Path) -> dict[str, np.ndarray]:
+    """The fp32 merged weights (the NF4 base + scale·B·A, as the export merges them) under llama.cpp's
+    names and in its layout: what both our export and our f16 file were rounded from."""
+    import torch
+
+    from qlora_kit.model.adapters import read_adapter
+    from qlora_kit.model.load import load_quantized
+    from qlora_kit.model.sources import load_config, resolve_source
+    from qlora_kit.pipelines.base_weights import NF4Weights
+    from qlora_kit.pipelines.export_gguf import gguf_tensor_name, permute_qk
+    from qlora_kit.pipelines.layerwise import merged_model
+
+    adapter = read_adapter(adapter_dir)
+    source = resolve_source(adapter.base, adapter.gguf_file)
+    config, cpu = load_config(source), torch.device("cpu")
+    nf4 = load_quantized(source, device=cpu, compute_dtype=torch.float32, progress=False)
+    heads = {".attn_q.": config.num_attention_heads, ".attn_k.": config.num_key_value_heads}
+    weights = {}
+    for part in merged_model(config, NF4Weights(nf4, cpu), adapter, None, None, cpu, torch.float32, progress=False):
+        for hf_name, value in part.items():
+            name = gguf_tensor_name(hf_name)
+            for key, n in heads.items():
+                if config.model_type in ("llama", "mistral") and key in name:
+                    value = permute_qk(value, n)
+            weights[name] = value.numpy()
+    return weights
+
+
+def rmse_against_llama_cpp(ours: Path, theirs: Path, f16: Path, fp32: dict[str, np.ndarray]) -> dict:
     """The K-quant tensors (Q4_K, Q5_K, Q6_K) of our export and of llama.cpp's quantization of our f16 file.
 
-    Per tensor: the RMSE against the f16 weights of our file (quantized from the fp32 merged weights)
-    and of llama.cpp's, and whether our quantizer given the same f16 tensor writes llama.cpp's bytes.
-    Also: the tensors whose type differs between the two files (the mixture rules), if any.
+    Per tensor: the RMSE of each against the fp32 merged weights (ours is rounded from them, llama.cpp's
+    from their f16 rounding), and whether our quantizer, given llama.cpp's input (the f16 tensor),
+    writes llama.cpp's bytes. Also: the tensors whose type differs between the two files, if any.
     """
     import torch
     from gguf.quants import dequantize
@@ -155,9 +183,10 @@ def rmse_against_llama_cpp(ours: Path, theirs: Path, f16: Path) -> dict:
     for name, t in a.items():
         if t.tensor_type.name not in ("Q4_K", "Q5_K", "Q6_K") or b[name].tensor_type != t.tensor_type:
             continue
-        w = dequantize(ref[name].data, ref[name].tensor_type).astype(np.float32)
+        w = fp32[name].astype(np.float64)
         rmse = [float(np.sqrt(np.mean((dequantize(x.data, x.tensor_type) - w) ** 2))) for x in (t, b[name])]
-        same = np.array_equal(quantize(torch.from_numpy(w), t.tensor_type).numpy(), np.asarray(b[name].data))
+        w16 = dequantize(ref[name].data, ref[name].tensor_type).astype(np.float32)
+        same = np.array_equal(quantize(torch.from_numpy(w16), t.tensor_type).numpy(), np.asarray(b[name].data))
         rows.append((name, t.tensor_type.name, *rmse, bool(same)))
     return {
         "tensors": len(rows),
@@ -227,9 +256,9 @@ def main() -> None:
         rows[label] = row | {"examples": len(examples), "export_seconds": seconds.get(label)}
         cached.parent.mkdir(exist_ok=True)
         cached.write_text(json.dumps(rows[label]) + "\n")
-    rmse = {
-        t: rmse_against_llama_cpp(files[t], files[f"llama.cpp {t}"], files["f16"]) for t in K_TYPES if t in args.types
-    }
+    fp32 = merged_fp32(args.adapter)
+    compared = [t for t in K_TYPES if t in args.types]
+    rmse = {t: rmse_against_llama_cpp(files[t], files[f"llama.cpp {t}"], files["f16"], fp32) for t in compared}
     report = {
         "adapter": str(args.adapter),
         "eval_text": str(args.eval_text),
@@ -252,7 +281,7 @@ def main() -> None:
         answer = json.dumps(r["chat"]) + ("" if r["finish"] == "stop" else f" (not stopped: {r['finish']})")
         print(f"| {label} | {r['mib']} | {r['perplexity']:.2f} | {r['exact_match']:.1%} | {answer} |")
     print(
-        "\n| file type | K-quant tensors | RMSE ours <= llama.cpp | max RMSE ratio | same bytes from f16 | other type |"
+        "\n| file type | K-quant tensors | RMSE vs fp32: ours <= llama.cpp | max ratio | same bytes from f16 | other type |"
     )
     print("|---|---:|---:|---:|---:|---|")
     for t, r in rmse.items():
