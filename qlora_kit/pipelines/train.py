@@ -113,7 +113,9 @@ def prepare_output_dir(recipe: Recipe) -> Path | None:
     out = Path(recipe.output.dir)
     if out.exists() and not out.is_dir():
         raise OutputDirError(f"output.dir '{out}' is a file; name a directory")
-    foreign = out.is_dir() and not (out / RECIPE_FILE).exists() and next(out.iterdir(), None)
+    # A run's directory holds its recipe.yaml, or at least checkpoints (e.g. one copied in to resume from).
+    is_run = (out / RECIPE_FILE).exists() or any(out.glob(f"{_CHECKPOINT_PREFIX}*"))
+    foreign = out.is_dir() and not is_run and next(out.iterdir(), None)
     if foreign and not recipe.output.overwrite:
         raise OutputDirError(
             f"output.dir '{out}' holds files that are not a qlora-kit run (e.g. {foreign.name}); name a new or "
