@@ -14,6 +14,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import logging
+import math
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from functools import reduce
@@ -139,7 +140,11 @@ class PreferenceSection:
     """preference: DPO and ORPO on chosen/rejected pairs (training.method dpo or orpo)."""
 
     beta: float = 0.1
-    loss_type: str = "sigmoid"
+    # One of TRL's DPO loss types, or a list of them summed with loss_weights ([sigmoid, sft]: RPO).
+    # OmegaConf has no Union, so Any + _validate_loss_type.
+    loss_type: Any = "sigmoid"
+    # With a list of loss types, the weight of each; null: 1.0 each.
+    loss_weights: list[float] | None = None
     label_smoothing: float = 0.0
     # Prompts longer than this keep their last tokens; null: only data.max_seq_len cuts.
     max_prompt_len: int | None = None
@@ -149,6 +154,11 @@ class PreferenceSection:
     reference_adapter: str | None = None
     # The reference log-probabilities once, before training, instead of a reference forward in every step.
     precompute_reference: bool = False
+
+    def losses(self) -> tuple[list[str], list[float]]:
+        """The DPO loss types and their weights, as TRL's ``DPOConfig.loss_type`` and ``loss_weights`` hold them."""
+        types = [self.loss_type] if isinstance(self.loss_type, str) else list(self.loss_type)
+        return types, list(self.loss_weights) if self.loss_weights is not None else [1.0] * len(types)
 
 
 @dataclass
@@ -227,7 +237,6 @@ _CHOICES: dict[str, tuple] = {
     ),
     "training.optimizer": ("paged_adamw_8bit", "paged_adamw_32bit", "adamw_8bit", "adamw"),
     "training.method": ("sft", "dpo", "orpo"),
-    "preference.loss_type": DPO_LOSS_TYPES,
     "eval.match": MATCH_RULES,
     "output.report_to": ("tensorboard", "none"),
 }
@@ -525,6 +534,9 @@ def _validate_preference(recipe: Recipe, where: Callable[[str], str]) -> None:
     def refuse(key: str, why: str) -> None:
         raise RecipeError(f"{where(key)}: '{key}' {why}")
 
+    _validate_loss_type(p.loss_type, where)
+    if method != "orpo":  # ORPO refuses any weights below, with its own reason
+        _validate_loss_weights(p, where)
     if method == "sft":
         for key, value in (
             ("preference.init_adapter", p.init_adapter),
@@ -557,6 +569,7 @@ def _validate_preference(recipe: Recipe, where: Callable[[str], str]) -> None:
     if method == "orpo":
         for key, value, default in (
             ("preference.loss_type", p.loss_type, "sigmoid"),
+            ("preference.loss_weights", p.loss_weights, None),
             ("preference.reference_adapter", p.reference_adapter, None),
             ("preference.precompute_reference", p.precompute_reference, False),
             ("preference.label_smoothing", p.label_smoothing, 0.0),
@@ -575,5 +588,48 @@ def _validate_preference(recipe: Recipe, where: Callable[[str], str]) -> None:
             "memory holds one set of adapters, so the reference adapter's log-probabilities are computed once, "
             "before training",
         )
-    if p.loss_type == "exo_pair" and p.label_smoothing == 0:
+    if "exo_pair" in p.losses()[0] and p.label_smoothing == 0:
         refuse("preference.label_smoothing", "must be > 0 for preference.loss_type exo_pair (its target is 1 - it)")
+
+
+def _validate_loss_type(value: Any, where: Callable[[str], str]) -> None:
+    """preference.loss_type: one of TRL's DPO loss types, or a non-empty list of different ones."""
+    key, names = "preference.loss_type", ", ".join(DPO_LOSS_TYPES)
+    if isinstance(value, str) and value in DPO_LOSS_TYPES:
+        return
+    if not isinstance(value, list) or not value:
+        raise RecipeError(
+            f"{where(key)}: invalid value {value!r} for '{key}' — must be one of: {names}; "
+            "or a list of them, summed with preference.loss_weights, e.g. [sigmoid, sft]"
+        )
+    for i, name in enumerate(value):
+        if not isinstance(name, str) or name not in DPO_LOSS_TYPES:
+            raise RecipeError(
+                f"{where(key)}: invalid value {value!r} for '{key}' — {name!r} is not one of TRL's DPO loss types: "
+                f"{names}"
+            )
+        if name in value[:i]:
+            raise RecipeError(
+                f"{where(key)}: invalid value {value!r} for '{key}' — {name!r} is listed twice: list each loss once "
+                "and set its weight in preference.loss_weights"
+            )
+
+
+def _validate_loss_weights(p: PreferenceSection, where: Callable[[str], str]) -> None:
+    """preference.loss_weights: null, or one weight > 0 for each loss of a list of loss types."""
+    key, weights = "preference.loss_weights", p.loss_weights
+    if weights is None:
+        return
+    types = p.losses()[0]
+    if len(types) == 1:
+        raise RecipeError(
+            f"{where(key)}: '{key}' weights the losses of a list of loss types; preference.loss_type is the one loss "
+            f"{p.loss_type!r}: leave it null (to scale that loss, scale training.learning_rate)"
+        )
+    if len(weights) != len(types):
+        raise RecipeError(
+            f"{where(key)}: '{key}' has {len(weights)} weight{'s' * (len(weights) != 1)} for the {len(types)} "
+            f"losses of preference.loss_type {types}: give one weight per loss, in the same order"
+        )
+    if not all(math.isfinite(w) and w > 0 for w in weights):
+        raise RecipeError(f"{where(key)}: invalid value {weights!r} for '{key}' — every weight must be a number > 0")

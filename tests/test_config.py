@@ -179,6 +179,8 @@ def test_missing_required_value(tmp_path, minimal):
         ("training.max_steps=0", "training.max_steps", "-1 (use epochs) or > 0"),
         ("eval.max_new_tokens=0", "eval.max_new_tokens", "must be null or > 0"),
         ("eval.match=regex", "eval.match", "must be one of: exact, normalized, json"),
+        ("preference.loss_type=dpop", "preference.loss_type", "sigmoid_norm; or a list of them"),
+        ("preference.loss_type=[sigmoid,dpop]", "preference.loss_type", "'dpop' is not one of TRL's DPO loss types"),
         ("qat.bits=3", "qat.bits", "bits must be 4"),  # only with qat.format=nf4, below
     ],
 )

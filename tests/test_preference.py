@@ -11,7 +11,7 @@ import torch
 from transformers import LlamaForCausalLM
 
 from qlora_kit.compat import DPO_LOSS_ATTRIBUTES, dpo_loss_step
-from qlora_kit.config import RecipeError, load_recipe
+from qlora_kit.config import RecipeError, load_recipe, save_recipe
 from qlora_kit.data import DataError, to_messages
 from qlora_kit.model.adapters import lora_modules, peft_config, read_adapter, save_adapter
 from qlora_kit.model.sources import load_tokenizer, resolve_source
@@ -86,6 +86,17 @@ def _recipe(tmp_path, model_dir, task, *overrides):
         (["preference.max_prompt_len=64"], "preference.max_prompt_len"),
         (["preference.reference_adapter=/tmp/sft"], "preference.reference_adapter"),
         (["preference.loss_type=exo_pair"], "preference.label_smoothing"),
+        (["preference.loss_type=[sigmoid,exo_pair]"], "preference.label_smoothing"),
+        (["preference.loss_type=[sigmoid,dpop]"], "preference.loss_type"),
+        (["preference.loss_type=[]"], "preference.loss_type"),
+        (["preference.loss_type=[sigmoid,sigmoid]"], "preference.loss_type"),
+        (["preference.loss_type={sigmoid: 1.0}"], "preference.loss_type"),
+        (["preference.loss_weights=[2.0]"], "preference.loss_weights"),
+        (["preference.loss_type=[sigmoid,sft]", "preference.loss_weights=[1.0]"], "preference.loss_weights"),
+        (["preference.loss_type=[sigmoid,sft]", "preference.loss_weights=[1.0,0.0]"], "preference.loss_weights"),
+        (["preference.loss_type=[sigmoid,sft]", "preference.loss_weights=[1.0,x]"], "preference.loss_weights[1]"),
+        (["training.method=orpo", "preference.loss_weights=[1.0]"], "preference.loss_weights"),
+        (["training.method=orpo", "preference.loss_type=[sigmoid,sft]"], "preference.loss_type"),
         (["training.method=orpo", "preference.loss_type=ipo"], "preference.loss_type"),
         (["training.method=orpo", "preference.precompute_reference=true"], "preference.precompute_reference"),
         (["training.method=sft", "preference.init_adapter=/tmp/sft"], "preference.init_adapter"),
@@ -104,6 +115,18 @@ def test_orpo_may_score_the_prompt_and_sft_ignores_the_section(tmp_path):
         tmp_path / "r.yaml",
         ["training.method=orpo", "data.packing=false", "preference.loss_type=sigmoid", "data.train_on_prompt=true"],
     ).data.train_on_prompt
+
+
+def test_a_list_of_loss_types_loads_as_trls_loss_type_and_loss_weights(tmp_path):
+    (tmp_path / "r.yaml").write_text(
+        "data: {train: t.jsonl}\ntraining: {method: dpo}\npreference: {loss_type: [sigmoid, sft]}\n"
+    )
+    assert load_recipe(tmp_path / "r.yaml").preference.losses() == (["sigmoid", "sft"], [1.0, 1.0])
+    recipe = load_recipe(tmp_path / "r.yaml", ["preference.loss_weights=[1, 0.25]"])
+    assert recipe.preference.losses() == (["sigmoid", "sft"], [1.0, 0.25])
+    save_recipe(recipe, tmp_path / "saved.yaml")  # an adapter's recipe.yaml reloads as it was trained
+    assert load_recipe(tmp_path / "saved.yaml") == recipe
+    assert load_recipe(tmp_path / "r.yaml", ["preference.loss_type=ipo"]).preference.losses() == (["ipo"], [1.0])
 
 
 def test_adapter_of_another_shape_stops_before_the_model_loads(tmp_path, tiny_model_dir, pair_files):
@@ -323,15 +346,23 @@ def _our_trainer(recipe, built, tokenizer, train_dataset):
 
 @pytest.mark.parametrize(
     "loss_type, extra",
-    [("sigmoid", []), ("ipo", []), ("robust", ["preference.label_smoothing=0.1"]), ("apo_zero", [])],
+    [
+        ("sigmoid", []),
+        ("ipo", []),
+        ("robust", ["preference.label_smoothing=0.1"]),
+        ("apo_zero", []),
+        # RPO: TRL's loss_type and loss_weights lists; a weight other than 1.0, so that ignoring it would show
+        pytest.param(["sigmoid", "sft"], ["preference.loss_weights=[1.0,0.5]"], id="sigmoid+sft"),
+    ],
 )
 def test_dpo_loss_equals_trl_dpo_trainer_on_stock_peft(
     tmp_path, tiny_model_dir, pair_files, tokenizer, loss_type, extra
 ):
     from trl import DPOConfig, DPOTrainer
 
+    types = loss_type if isinstance(loss_type, str) else f"[{','.join(loss_type)}]"
     recipe = _recipe(
-        tmp_path, tiny_model_dir, pair_files, f"preference.loss_type={loss_type}", "preference.beta=0.5", *extra
+        tmp_path, tiny_model_dir, pair_files, f"preference.loss_type={types}", "preference.beta=0.5", *extra
     )
     built, peft_model = _models(tmp_path, tiny_model_dir, recipe)
     rows = [_conversational(i) for i in range(4)]
@@ -343,7 +374,8 @@ def test_dpo_loss_equals_trl_dpo_trainer_on_stock_peft(
         use_cpu=True,
         max_length=None,
         beta=0.5,
-        loss_type=[loss_type],
+        loss_type=[loss_type] if isinstance(loss_type, str) else loss_type,
+        loss_weights=recipe.preference.loss_weights,
         label_smoothing=recipe.preference.label_smoothing,
     )
     theirs = DPOTrainer(

@@ -216,7 +216,7 @@ def _preference_trainer_class():
             p = preference
             self.method, self.nll_on_prompt = method, nll_on_prompt
             self.beta, self.label_smoothing = p.beta, p.label_smoothing
-            self.loss_types, self.loss_weights = [p.loss_type], [1.0]
+            self.loss_types, self.loss_weights = p.losses()  # TRL sums the weighted losses
             self.f_divergence_type, self.f_alpha_divergence_coef = "reverse_kl", 1.0
             self.ld_alpha, self.use_weighting = None, False
             self.aux_loss_enabled, self.router_aux_loss_coef = False, 0.0
