@@ -3,13 +3,16 @@
 Its length: the two kernels and their launch plans (validation, tuned config, direct launch)
 belong to one format and one set of bit-exactness tests.
 
-Two kernels, each computing exactly the bits of the torch reference in
+Three kernels, each computing exactly the bits of the torch reference in
 ``qlora_kit.quant.nf4``:
 
 - ``dequantize_nf4_dq``: one pass from packed 4-bit codes + 8-bit absmax codes to a
-  bf16/fp16/fp32 weight. It is memory bound: per output element it reads 0.5 byte of
+  bf16/fp16/fp32 weight, or an e4m3 one when the code table comes pre-divided by the
+  weight's FP8 scale (``qlora_kit.quant.fp8``). It is memory bound: per output element it reads 0.5 byte of
   codes + 1/64 byte of absmax code and writes 2 bytes (bf16), so the time floor is
   ~2.52 bytes/element at copy bandwidth.
+- ``dequantize_nf4_dq_t``: the same weight written transposed (``W^T``), by 2-d tiles,
+  for the FP8 GEMM of the input gradient.
 - ``quantize_nf4_blocks``: the first-level quantization (per-block absmax, nearest
   NF4 code, nibble packing); the torch code double-quantizes the fp32 absmax.
 
@@ -107,6 +110,43 @@ if triton is not None:
         tl.store(out_ptr + elem, w.to(out_ptr.dtype.element_ty), mask=elem_mask)
 
     @triton.jit
+    def _dequant_t_kernel(
+        packed_ptr,
+        absmax_q_ptr,
+        nested_ptr,
+        offset_ptr,
+        code4_ptr,
+        code8_ptr,
+        out_ptr,
+        N,
+        K,
+        BN: tl.constexpr,
+        BK: tl.constexpr,
+        BLOCKSIZE: tl.constexpr,
+        NESTED_BLOCKSIZE: tl.constexpr,
+    ):
+        # A [BN rows, BK columns] tile of W [N, K], written transposed into out = W^T [K, N]:
+        # the layout an FP8 GEMM needs for dy @ W (its reduction dimension, N, contiguous).
+        # K is a multiple of BK and of BLOCKSIZE, so element (n, k) is packed byte n * K/2 + k/2
+        # and lies in absmax block n * K/BLOCKSIZE + k/BLOCKSIZE. The same fp32 arithmetic as
+        # _dequant_kernel (launched without fp fusion), so the bits are W's, transposed.
+        rows = tl.program_id(0) * BN + tl.arange(0, BN)
+        half = tl.program_id(1) * (BK // 2) + tl.arange(0, BK // 2)
+        row_mask = (rows < N)[:, None]
+        row64 = rows.to(tl.int64)[:, None]
+        packed = tl.load(packed_ptr + row64 * (K // 2) + half[None, :], mask=row_mask, other=0)
+        block = row64 * (K // BLOCKSIZE) + (2 * half[None, :]) // BLOCKSIZE
+        q = tl.load(absmax_q_ptr + block, mask=row_mask, other=0).to(tl.int32)
+        nested = tl.load(nested_ptr + block // NESTED_BLOCKSIZE, mask=row_mask, other=0.0)
+        absmax = tl.load(code8_ptr + q) * nested + tl.load(offset_ptr)
+        high = tl.load(code4_ptr + (packed >> 4).to(tl.int32)) * absmax
+        low = tl.load(code4_ptr + (packed & 0xF).to(tl.int32)) * absmax
+        w = tl.interleave(high, low)  # [BN, BK], element 2i the high nibble
+        cols = tl.program_id(1) * BK + tl.arange(0, BK)
+        out = out_ptr + cols.to(tl.int64)[:, None] * N + rows[None, :]
+        tl.store(out, tl.trans(w).to(out_ptr.dtype.element_ty), mask=(rows < N)[None, :])
+
+    @triton.jit
     def _quant_kernel(
         x_ptr,
         midpoints_ptr,
@@ -182,13 +222,13 @@ class _Plan:
                 f"nested_blocksize must be a power of two with blocksize * nested_blocksize >= {_MAX_BLOCK}, "
                 f"got {nested_blocksize} (blocksize {blocksize})"
             )
-        if dtype not in (torch.bfloat16, torch.float16, torch.float32):
-            raise ValueError(f"output dtype must be bf16/fp16/fp32, got {dtype}")
+        if dtype not in (torch.bfloat16, torch.float16, torch.float32, torch.float8_e4m3fn):
+            raise ValueError(f"output dtype must be bf16/fp16/fp32/float8_e4m3fn, got {dtype}")
         self.n = shape.numel()
         self.n_bytes = (self.n + 1) // 2
         self.n_blocks = -(-self.n // blocksize)
         self.n_nested = -(-self.n_blocks // nested_blocksize)
-        self.vec = 8 // dtype.itemsize  # packed bytes per thread group: 2 * VEC outputs = 16 bytes
+        self.vec = 8 // dtype.itemsize  # packed bytes per thread group: 2 * VEC outputs = 16 bytes (8 for e4m3)
         self.config = None  # the autotuner's triton.Config, after the first CUDA call
         self.grid = None
         self.tail = None  # the kernel's arguments after the tensors, constexprs included
@@ -287,7 +327,7 @@ def dequantize_nf4_dq(
         code4: fp32 ``[16]``, the NF4 code values.
         code8: fp32 ``[256]``, the signed dynamic map.
         shape: the weight's shape (n = its number of elements).
-        dtype: the output dtype (bfloat16, float16 or float32).
+        dtype: the output dtype (bfloat16, float16, float32, or float8_e4m3fn: CUDA only).
         out: optional contiguous tensor of ``shape`` and ``dtype`` to write into.
 
     Returns:
@@ -390,6 +430,55 @@ def _launch(plan: _Plan, tensors: tuple, dtype: torch.dtype, blocksize: int, nes
         and torch.cuda.current_device() == device_index
     ):
         plan.make_launch(args, consts, device_index)
+
+
+_T_TILE = 64  # rows and columns of a transposed-dequant tile
+
+
+def dequantize_nf4_dq_t(
+    packed: torch.Tensor,
+    absmax_q: torch.Tensor,
+    nested_absmax: torch.Tensor,
+    offset: torch.Tensor,
+    code4: torch.Tensor,
+    code8: torch.Tensor,
+    shape: torch.Size,
+    dtype: torch.dtype,
+    blocksize: int = 64,
+    nested_blocksize: int = 256,
+) -> torch.Tensor:
+    """The transpose ``W^T`` ``[K, N]`` (contiguous) of the weight :func:`dequantize_nf4_dq` returns, bit for bit.
+
+    For a 2-d ``shape`` ``[N, K]`` with K a multiple of 64 and of ``blocksize``; the arguments
+    are :func:`dequantize_nf4_dq`'s (contiguous, on one CUDA device or under the interpreter).
+    """
+    _check_blocksize(blocksize)
+    _check(
+        len(shape) == 2 and shape[1] % _T_TILE == 0 and shape[1] % blocksize == 0,
+        f"a transposed dequant needs a 2-d weight whose rows are a multiple of {_T_TILE} and {blocksize} long, "
+        f"got shape {tuple(shape)}",
+    )
+    n, k = shape
+    out = torch.empty((k, n), dtype=dtype, device=packed.device)
+    grid = (triton.cdiv(n, _T_TILE), k // _T_TILE)
+    _dequant_t_kernel[grid](
+        packed,
+        absmax_q,
+        nested_absmax,
+        offset,
+        code4,
+        code8,
+        out,
+        n,
+        k,
+        BN=_T_TILE,
+        BK=_T_TILE,
+        BLOCKSIZE=blocksize,
+        NESTED_BLOCKSIZE=nested_blocksize,
+        num_warps=4,
+        enable_fp_fusion=False,
+    )
+    return out
 
 
 def quantize_nf4_blocks(

@@ -16,6 +16,7 @@ constraints.txt pins the exact versions CI runs.
 | the GGUF name map and tensor processors | transformers.modeling_gguf_pytorch_utils | model/sources.py |
 | DPOTrainer's loss step and the trainer attributes it reads; ORPOTrainer's odds-ratio loss | trl | pipelines/preference.py |
 | the autotuner's chosen config; a compiled kernel's launch | triton Autotuner, CompiledKernel | kernels/nf4.py |
+| the FP8 GEMM with rowwise scales, ``torch._scaled_mm`` | torch | quant/fp8.py |
 """
 
 from __future__ import annotations
@@ -240,3 +241,17 @@ def orpo_odds_ratio_loss() -> Callable:
     from trl.experimental.orpo.orpo_trainer import ORPOTrainer
 
     return ORPOTrainer.odds_ratio_loss
+
+
+def scaled_mm(
+    a: torch.Tensor, b: torch.Tensor, scale_a: torch.Tensor, scale_b: torch.Tensor, out_dtype: torch.dtype
+) -> torch.Tensor:
+    """``(scale_a * a) @ (scale_b * b)`` for e4m3 ``a`` [M, K] (row-major) and ``b`` [K, N] (column-major),
+    with fp32 ``scale_a`` [M, 1] and ``scale_b`` [1, N]: torch's private FP8 GEMM (cuBLAS / CUTLASS) on CUDA.
+
+    Elsewhere the same arithmetic in fp32 (products of e4m3 values are exact there, sums in fp32):
+    CPU builds of torch differ in which scalings they take (2.11 only per-tensor ones).
+    """
+    if a.is_cuda:
+        return torch._scaled_mm(a, b, scale_a=scale_a, scale_b=scale_b, out_dtype=out_dtype)
+    return ((a.float() @ b.float()) * scale_a * scale_b).to(out_dtype)

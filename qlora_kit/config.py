@@ -118,6 +118,8 @@ class TrainingSection:
     fused_kernels: bool = True
     # The last N decoder layers keep their activations instead of recomputing them (speed for memory).
     uncheckpointed_layers: int = 0
+    # The frozen base's GEMMs in FP8 e4m3 (qlora_kit/quant/fp8.py; Ada/Hopper GPUs): faster, slightly perturbed base.
+    fp8_base_matmul: bool = False
     # Memory levers for models near the GPU's size (see qlora_kit/model/offload.py, pipelines/optim.py).
     optimizer_in_backward: bool = False
     offload_activations: bool = False

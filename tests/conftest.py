@@ -117,6 +117,37 @@ def accelerate_launch():
 
 
 @pytest.fixture
+def quickstart_losses():
+    """quickstart_losses(out_dir, steps, *overrides): train recipes/quickstart.yaml (plus ``overrides``) for
+    ``steps`` steps, logging every step, without evaluation; returns the training loss of each step."""
+    return _quickstart_losses
+
+
+def _quickstart_losses(out_dir: Path, steps: int, *overrides: str) -> list[float]:
+    from qlora_kit.config import load_recipe
+    from qlora_kit.pipelines.train import train
+
+    root = Path(__file__).resolve().parent.parent
+    recipe = load_recipe(
+        root / "recipes" / "quickstart.yaml",
+        [
+            f"training.max_steps={steps}",
+            "training.logging_steps=1",
+            f"training.save_steps={steps}",
+            "training.eval_steps=null",
+            "data.validation=null",
+            "data.test=null",
+            "output.report_to=none",
+            f"output.dir={out_dir}",
+            *overrides,
+        ],
+    )
+    train(recipe)
+    state = json.loads((out_dir / f"checkpoint-{steps}" / "trainer_state.json").read_text())
+    return [entry["loss"] for entry in state["log_history"] if "loss" in entry]
+
+
+@pytest.fixture
 def make_recipe():
     """make_recipe(dir, model_dir, task_dir, *overrides): a recipe training the tiny model on the trivial task."""
     return _tiny_recipe

@@ -236,3 +236,22 @@ def test_triton_compiled_launcher_runs_what_the_jit_compiled():
     assert not out.any()
     graph.replay()
     assert torch.equal(out, expected)
+
+
+@pytest.mark.parametrize(
+    "device",
+    ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU"))],
+)
+def test_scaled_mm_takes_rowwise_scales(device):
+    """torch._scaled_mm with e4m3 operands, [M, 1] and [1, N] fp32 scales (CUDA), and our fp32 emulation
+    elsewhere: both equal the float64 product of the scaled operands."""
+    from qlora_kit.compat import scaled_mm
+
+    assert callable(getattr(torch, "_scaled_mm", None))
+    g = torch.Generator().manual_seed(0)
+    a = torch.randn(32, 64, generator=g).to(torch.float8_e4m3fn).to(device)
+    b = torch.randn(48, 64, generator=g).to(torch.float8_e4m3fn).to(device)
+    sa, sb = torch.rand(32, 1, generator=g).to(device), torch.rand(1, 48, generator=g).to(device)
+    y = scaled_mm(a, b.t(), sa, sb, torch.float32)
+    ref = (a.double() * sa.double()) @ (b.double().t() * sb.double())
+    assert y.dtype == torch.float32 and torch.allclose(y.double(), ref, rtol=1e-5, atol=1e-5)

@@ -86,3 +86,82 @@ def test_nf4_linear_on_gpu_matches_float64():
     assert (y.double() - ref).norm() / ref.norm() < 1e-2
     grad_ref = torch.ones(8, 1024, device="cuda", dtype=torch.float64) @ w64
     assert (x.grad.double() - grad_ref).norm() / grad_ref.norm() < 1e-2
+
+
+@pytest.mark.parametrize("shape", [(4096, 4096), (1024, 4096), (576, 1536), (4097, 333)])
+def test_fp8_weight_kernel_equals_torch_reference_bit_for_bit(shape):
+    from qlora_kit.quant import fp8
+    from qlora_kit.quant.nf4 import quantize_nf4
+
+    t = quantize_nf4(torch.randn(shape, device="cuda") / shape[-1] ** 0.5)
+    scale = fp8.weight_scale(t)
+    ours, ref = fp8.dequantize_nf4_e4m3(t, scale), fp8.dequantize_nf4_e4m3_reference(t, scale)
+    assert ours.dtype == ref.dtype == torch.float8_e4m3fn
+    assert torch.equal(ours.view(torch.uint8), ref.view(torch.uint8))
+    ours_t = fp8.dequantize_nf4_e4m3(t, scale, transposed=True)
+    assert ours_t.is_contiguous() and torch.equal(ours_t.view(torch.uint8), ref.t().view(torch.uint8))
+
+
+@pytest.mark.parametrize("shape", [(8192, 4096), (13, 14336), (5, 576)])
+def test_fp8_row_quantizer_kernel_equals_torch_reference_bit_for_bit(shape):
+    from qlora_kit.quant import fp8
+
+    x = (torch.randn(shape, device="cuda") * torch.rand(shape[0], 1, device="cuda") * 10).to(torch.bfloat16)
+    x[1] = 0
+    (q, s), (q_ref, s_ref) = fp8.quantize_rows(x), fp8.quantize_rows_reference(x)
+    assert torch.equal(s, s_ref)
+    assert torch.equal(q.view(torch.uint8), q_ref.view(torch.uint8))
+
+
+def test_fp8_lora_layer_on_gpu_matches_float64_of_its_operands():
+    from qlora_kit.modules.lora import NF4LoRALinear
+    from qlora_kit.modules.nf4_linear import NF4Linear, use_fp8_matmuls
+    from qlora_kit.quant import fp8
+    from qlora_kit.quant.nf4 import quantize_nf4
+
+    layer = NF4LoRALinear(NF4Linear(quantize_nf4(torch.randn(1024, 2048, device="cuda") / 45)), r=16, alpha=32)
+    assert use_fp8_matmuls(layer) == 1
+    x = torch.randn(64, 2048, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+    y = layer(x)  # B = 0: the base alone
+    w_q, w_s = layer.base.fp8_weight()
+    assert torch.equal(layer.base.fp8_weight(transposed=True)[0].view(torch.uint8), w_q.t().view(torch.uint8))
+    xq, xs = fp8.quantize_rows_reference(x.detach())
+    ref = (xq.double() * xs.double()) @ (w_q.double() * w_s.double()).t()
+    assert (y.double() - ref).norm() / ref.norm() < 4e-3  # bf16 output rounding
+    g = torch.randn_like(y)
+    y.backward(g)
+    gq, gs = fp8.quantize_rows_reference(g)
+    grad_ref = (gq.double() * gs.double()) @ (w_q.double() * w_s.double())
+    assert (x.grad.double() - grad_ref).norm() / grad_ref.norm() < 4e-3
+
+
+def test_offloaded_checkpoints_on_copy_streams_give_the_same_gradients():
+    """Checkpoint inputs go to CPU memory and come back on their own streams: same loss and LoRA gradients."""
+    from transformers import LlamaConfig
+
+    from qlora_kit.config import load_recipe
+    from qlora_kit.pipelines.builder import build_training_model
+
+    config = LlamaConfig(
+        hidden_size=256, intermediate_size=512, num_hidden_layers=6, num_attention_heads=4, vocab_size=512
+    )
+    ids = torch.randint(0, 512, (2, 256), device="cuda", generator=torch.Generator("cuda").manual_seed(0))
+    results = []
+    for offload in ("false", "true"):
+        recipe = load_recipe(
+            "recipes/bench.yaml", [f"training.offload_activations={offload}", "training.fused_kernels=true"]
+        )
+        built = build_training_model(recipe, "cuda", random_config=config, progress=False)
+        model = built.model.train()
+        for _ in range(2):  # twice: the second step reuses the pinned buffers and the streams
+            model.zero_grad(set_to_none=True)
+            with torch.autocast("cuda", dtype=torch.bfloat16):
+                loss = model(input_ids=ids, labels=ids)["loss"]
+            loss.backward()
+        grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+        results.append((loss.detach(), grads))
+    (loss_a, grads_a), (loss_b, grads_b) = results
+    assert torch.equal(loss_a, loss_b)
+    assert grads_a.keys() == grads_b.keys() and len(grads_a) == 6 * 7 * 2
+    for name in grads_a:
+        assert torch.equal(grads_a[name], grads_b[name]), name

@@ -77,6 +77,21 @@ def test_dequantize_matches_reference(shape):
         assert torch.equal(ours, dequantize_nf4_reference(t, dtype)), dtype
 
 
+@pytest.mark.parametrize("shape", [(64, 128), (100, 192), (3, 64)])
+def test_transposed_dequantize_is_the_transpose_bit_for_bit(shape):
+    from qlora_kit.kernels.nf4 import dequantize_nf4_dq_t
+
+    t = quantize_nf4_reference(_weight(shape, torch.float32, seed=sum(shape)))
+    ours = dequantize_nf4_dq_t(t.packed, t.absmax_q, t.nested_absmax, t.offset, CODE4, CODE8, t.shape, torch.float32)
+    assert ours.shape == (shape[1], shape[0]) and ours.is_contiguous()
+    assert torch.equal(ours, dequantize_nf4_reference(t, torch.float32).t())
+    with pytest.raises(ValueError, match=r"multiple of 64 .* got shape \(64, 96\)"):
+        bad = quantize_nf4_reference(_weight((64, 96), torch.float32, seed=1))
+        dequantize_nf4_dq_t(
+            bad.packed, bad.absmax_q, bad.nested_absmax, bad.offset, CODE4, CODE8, bad.shape, torch.float32
+        )
+
+
 @pytest.mark.parametrize("shape", [(7,), (100, 70), (64, 128)])
 def test_dequantize_into_out_buffer(shape):
     t = quantize_nf4_reference(_weight(shape, torch.bfloat16, seed=3))

@@ -3,17 +3,105 @@
 With gradient checkpointing, what stays on the GPU between forward and backward is each
 decoder layer's input ([batch, seq, hidden] per layer: 2.7 GB for a 65B model at seq
 2048). :func:`use_offloaded_checkpointing` copies those inputs to pinned CPU memory
-after the forward of each layer and back before its recomputation. The input embedding
+after the forward of each layer and back before its recomputation, on copy streams of
+their own that overlap the transfers with the compute. The input embedding
 table is only read by index, so :func:`offload_embeddings` keeps it in CPU memory and
 sends the looked-up rows to the GPU.
 """
 
 from __future__ import annotations
 
+import weakref
+
 import torch
 from torch import nn
 
 from qlora_kit.compat import set_checkpoint_function
+
+
+class _Transfers:
+    """The copy streams of one device, and the offloaded inputs of the layers waiting for their backward.
+
+    On CUDA the copies run on their own streams, beside the compute: a layer's input goes to
+    CPU memory while the next layers compute, and comes back while the layer after it (in
+    forward order) runs its backward, so neither direction waits for the other nor stalls the
+    GPU. ``pending`` holds the inputs in forward order (weakly: a graph that is freed without
+    a backward takes its inputs with it); backward goes through the layers in reverse, so the
+    newest live one is the next to prefetch.
+    """
+
+    def __init__(self, device: torch.device) -> None:
+        self.d2h, self.h2d = torch.cuda.Stream(device), torch.cuda.Stream(device)
+        self.pending: list[weakref.ref] = []
+
+    def newest(self) -> _Offloaded | None:
+        while self.pending:
+            held = self.pending[-1]()
+            if held is not None:
+                return held
+            self.pending.pop()
+        return None
+
+    def remove(self, held: _Offloaded) -> None:
+        self.pending = [r for r in self.pending if r() is not None and r() is not held]
+
+
+_transfers: dict[torch.device, _Transfers] = {}
+
+
+class _Offloaded:
+    """One layer input in pinned CPU memory: written on the d2h stream, read back on the h2d stream (CUDA)."""
+
+    def __init__(self, hidden: torch.Tensor) -> None:
+        self.device = hidden.device
+        self.cpu = torch.empty(hidden.shape, dtype=hidden.dtype, pin_memory=hidden.is_cuda)
+        self.gpu: torch.Tensor | None = None
+        if not hidden.is_cuda:
+            self.cpu.copy_(hidden)
+            return
+        streams = _transfers.setdefault(hidden.device, _Transfers(hidden.device))
+        streams.d2h.wait_stream(torch.cuda.current_stream(hidden.device))
+        with torch.cuda.stream(streams.d2h):
+            self.cpu.copy_(hidden, non_blocking=True)
+            self.on_cpu = torch.cuda.Event()
+            self.on_cpu.record()
+        # The compute stream must not reuse hidden's memory before the copy has read it.
+        hidden.record_stream(streams.d2h)
+        streams.pending.append(weakref.ref(self))
+
+    def prefetch(self) -> None:
+        """Start the copy back to the GPU (CUDA only; at most once)."""
+        if self.gpu is not None:
+            return
+        streams = _transfers[self.device]
+        # Allocated on the compute stream, which waits for the copy before it reads the tensor. The
+        # block may have been freed by compute work still queued: the copy waits for that work too.
+        self.gpu = torch.empty(self.cpu.shape, dtype=self.cpu.dtype, device=self.device)
+        streams.h2d.wait_stream(torch.cuda.current_stream(self.device))
+        streams.h2d.wait_event(self.on_cpu)
+        with torch.cuda.stream(streams.h2d):
+            self.gpu.copy_(self.cpu, non_blocking=True)
+            self.on_gpu = torch.cuda.Event()
+            self.on_gpu.record()
+
+    def take(self) -> torch.Tensor:
+        """The input on its device, for the recomputation; the CPU copy is handed back to the host cache."""
+        if self.device.type != "cuda":
+            hidden = self.cpu.to(self.device)
+        else:
+            streams = _transfers[self.device]
+            streams.remove(self)
+            self.prefetch()
+            torch.cuda.current_stream(self.device).wait_event(self.on_gpu)
+            hidden = self.gpu
+            # The next layer back starts coming over while this one recomputes and backpropagates.
+            following = streams.newest()
+            if following is not None:
+                following.prefetch()
+        # Freed now, not when the graph is: the next step's forward reuses the pinned buffer
+        # instead of pinning fresh memory (slow, and synchronizing).
+        self.cpu = self.gpu = None
+        return hidden
 
 
 class _OffloadedCheckpoint(torch.autograd.Function):
@@ -28,17 +116,14 @@ class _OffloadedCheckpoint(torch.autograd.Function):
         ctx.run, ctx.args, ctx.device = run, args, hidden.device
         ctx.autocast = (torch.is_autocast_enabled(hidden.device.type), torch.get_autocast_dtype(hidden.device.type))
         ctx.rng = torch.cuda.get_rng_state(hidden.device) if hidden.is_cuda else torch.get_rng_state()
-        ctx.hidden_cpu = torch.empty(hidden.shape, dtype=hidden.dtype, pin_memory=hidden.is_cuda)
-        ctx.hidden_cpu.copy_(hidden, non_blocking=True)
+        ctx.offloaded = _Offloaded(hidden)
         with torch.no_grad():
             return run(hidden, *args)
 
     @staticmethod
     def backward(ctx, grad_out: torch.Tensor):
-        hidden = ctx.hidden_cpu.to(ctx.device, non_blocking=True).requires_grad_(True)
-        # Hand the pinned buffer back to the host cache now, not when the graph is freed: the
-        # next step's forward reuses it instead of pinning fresh memory (slow, and synchronizing).
-        ctx.hidden_cpu = None
+        hidden = ctx.offloaded.take().requires_grad_(True)
+        ctx.offloaded = None
         enabled, dtype = ctx.autocast
         devices = [ctx.device] if ctx.device.type == "cuda" else []
         with torch.random.fork_rng(devices=devices, device_type=ctx.device.type):
@@ -54,6 +139,9 @@ class _OffloadedCheckpoint(torch.autograd.Function):
 
 def offloaded_checkpoint(run, hidden: torch.Tensor, *args) -> torch.Tensor:
     """A drop-in for transformers' ``_gradient_checkpointing_func(run, hidden, *args)``."""
+    if not torch.is_grad_enabled():
+        # A forward without gradients (evaluation, DPO's reference pass) has no backward to offload for.
+        return run(hidden, *args)
     if not hidden.requires_grad:
         # The first layer's input comes from frozen embeddings: without a grad-requiring
         # input, autograd would never call backward and its LoRA weights would get no gradient.

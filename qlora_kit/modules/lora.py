@@ -13,7 +13,7 @@ import math
 import torch
 from torch import nn
 
-from qlora_kit.modules.nf4_linear import NF4Linear
+from qlora_kit.modules.nf4_linear import NF4Linear, base_matmul, base_matmul_grad_input
 
 
 def lora_scale(r: int, alpha: float, use_rslora: bool = False) -> float:
@@ -85,6 +85,7 @@ class _LoRANF4MatMul(torch.autograd.Function):
     beta=1) instead of as separate scale and add passes over [tokens, out]; backward does
     the same for grad_x. Saved: x and t = x @ A^T (what plain LoRA's autograd saves too),
     A and B; the NF4 weight stays packed on ``ctx`` and is dequantized again in backward.
+    With ``base.fp8`` the two base GEMMs run in e4m3 (:func:`~qlora_kit.modules.nf4_linear.base_matmul`).
     """
 
     @staticmethod
@@ -94,7 +95,7 @@ class _LoRANF4MatMul(torch.autograd.Function):
         x2 = x.reshape(-1, x.shape[-1])
         a, b = lora_a.to(x.dtype), lora_b.to(x.dtype)
         t = x2 @ a.t()
-        y = x2 @ base.dequantized_weight(x.dtype).t()
+        y = base_matmul(x2, base)
         y.addmm_(t, b.t(), alpha=scaling)
         ctx.base, ctx.scaling = base, scaling
         ctx.save_for_backward(x, t, lora_a, lora_b)
@@ -107,7 +108,7 @@ class _LoRANF4MatMul(torch.autograd.Function):
         x2 = x.reshape(-1, x.shape[-1])
         a, b = lora_a.to(g.dtype), lora_b.to(g.dtype)
         gb = g @ b  # [tokens, r]
-        grad_x = g @ ctx.base.dequantized_weight(g.dtype)
+        grad_x = base_matmul_grad_input(g, ctx.base)
         grad_x.addmm_(gb, a, alpha=ctx.scaling)
         grad_a = (gb.t() @ x2).mul_(ctx.scaling)
         grad_b = (g.t() @ t.to(g.dtype)).mul_(ctx.scaling)

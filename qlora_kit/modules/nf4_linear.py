@@ -6,6 +6,7 @@ import torch
 from torch import nn
 
 from qlora_kit.kernels.dispatch import check_kernel
+from qlora_kit.quant import fp8
 from qlora_kit.quant.nf4 import BLOCKSIZE, NESTED_BLOCKSIZE, NF4Tensor, dequantize_nf4
 
 # The attributes holding an NF4Linear's weight, one per NF4Tensor field.
@@ -15,25 +16,39 @@ NF4_STORAGE = ("weight_packed", "weight_absmax_q", "weight_nested_absmax", "weig
 QUANT_STORAGE_DTYPES = (torch.uint8, torch.int8, torch.float16, torch.bfloat16, torch.float32)
 
 
+def base_matmul(x: torch.Tensor, base: NF4Linear) -> torch.Tensor:
+    """``x @ W^T`` for a 2-d ``x`` and the frozen NF4 weight of ``base``: in x's dtype, or in e4m3 (``base.fp8``)."""
+    if base.fp8:
+        return fp8.linear(x, *base.fp8_weight())
+    return x @ base.dequantized_weight(x.dtype).t()
+
+
+def base_matmul_grad_input(grad_out: torch.Tensor, base: NF4Linear) -> torch.Tensor:
+    """``grad_out @ W``: the gradient of :func:`base_matmul` to its input, the weight dequantized again."""
+    if base.fp8:
+        return fp8.linear_grad_input(grad_out, *base.fp8_weight(transposed=True))
+    return grad_out @ base.dequantized_weight(grad_out.dtype)
+
+
 class _NF4MatMul(torch.autograd.Function):
     """x @ W^T for a frozen NF4 weight.
 
     Autograd would otherwise keep the dequantized weight alive until backward (a
-    full-precision copy per layer). Here the context keeps only a reference to the
-    packed weight, and backward dequantizes it again: grad_x = grad_y @ W.
-    The packed weight sits on ``ctx`` rather than in ``save_for_backward`` so that
-    activation-offloading hooks never copy it.
+    full-precision copy per layer). Here the context keeps only the layer, and backward
+    dequantizes its packed weight again: grad_x = grad_y @ W.
+    The layer sits on ``ctx`` rather than in ``save_for_backward`` so that
+    activation-offloading hooks never copy its weight.
     """
 
     @staticmethod
-    def forward(ctx, x: torch.Tensor, weight: NF4Tensor, kernel: str) -> torch.Tensor:
-        ctx.weight, ctx.kernel = weight, kernel
-        return x @ dequantize_nf4(weight, x.dtype, kernel=kernel).t()
+    def forward(ctx, x: torch.Tensor, base: NF4Linear) -> torch.Tensor:
+        ctx.base = base
+        return base_matmul(x.reshape(-1, x.shape[-1]), base).view(*x.shape[:-1], base.out_features)
 
     @staticmethod
     def backward(ctx, grad_out: torch.Tensor):
-        w = dequantize_nf4(ctx.weight, grad_out.dtype, kernel=ctx.kernel)
-        return grad_out @ w, None, None
+        g = grad_out.reshape(-1, grad_out.shape[-1])
+        return base_matmul_grad_input(g, ctx.base).view(*grad_out.shape[:-1], ctx.base.in_features), None
 
 
 class NF4Linear(nn.Module):
@@ -50,7 +65,12 @@ class NF4Linear(nn.Module):
     for bit. Nothing may *cast* such storage (``model.to(dtype)``, an FSDP mixed-precision
     ``param_dtype`` other than ``quant_storage``): a cast converts the values and destroys
     the bytes, so :attr:`nf4_weight` raises when it finds another dtype.
+
+    With :attr:`fp8` set (:func:`use_fp8_matmuls`) the GEMMs with the weight run in e4m3
+    (:mod:`qlora_kit.quant.fp8`).
     """
+
+    fp8 = False
 
     def __init__(
         self,
@@ -79,6 +99,8 @@ class NF4Linear(nn.Module):
                 f"expected a weight of shape {(self.out_features, self.in_features)}, got {tuple(weight.shape)}"
             )
         self.weight_dtype = weight.dtype
+        # Not saved; a buffer so that it moves with the module.
+        self.register_buffer("fp8_scale", None, persistent=False)
         tensors = (weight.packed, weight.absmax_q, weight.nested_absmax, weight.offset)
         for name, tensor in zip(NF4_STORAGE, tensors):
             if self.quant_storage is None:
@@ -127,15 +149,22 @@ class NF4Linear(nn.Module):
         """The weight in full precision (a fresh tensor; ``compute_dtype`` by default)."""
         return dequantize_nf4(self.nf4_weight, dtype or self.compute_dtype, kernel=self.kernel)
 
+    def fp8_weight(self, transposed: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+        """The weight as fresh e4m3 codes (``transposed``: of W^T) and their fp32 scale: W ~ scale * codes."""
+        weight = self.nf4_weight
+        if self.fp8_scale is None:  # the weight is frozen: its scale is taken once (set_weight clears it)
+            self.fp8_scale = fp8.weight_scale(weight)
+        return fp8.dequantize_nf4_e4m3(weight, self.fp8_scale, transposed), self.fp8_scale
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = _NF4MatMul.apply(x.to(self.compute_dtype), self.nf4_weight, self.kernel)
+        y = _NF4MatMul.apply(x.to(self.compute_dtype), self)
         return y if self.bias is None else y + self.bias
 
     def extra_repr(self) -> str:
         storage = "" if self.quant_storage is None else f", quant_storage={self.quant_storage}"
         return (
             f"in_features={self.in_features}, out_features={self.out_features}, nf4, "
-            f"compute_dtype={self.compute_dtype}{storage}"
+            f"compute_dtype={self.compute_dtype}{storage}{', fp8 matmuls' if self.fp8 else ''}"
         )
 
 
@@ -146,3 +175,20 @@ def _as_storage(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     if pad:
         data = torch.cat([data, data.new_zeros(pad)])
     return data.view(dtype)
+
+
+def use_fp8_matmuls(model: nn.Module) -> int:
+    """Run the GEMMs of every NF4 layer of ``model`` whose shape allows it in e4m3; returns how many.
+
+    e4m3 GEMMs need Hopper or Ada GPUs (compute capability 8.9) on CUDA; on the CPU torch emulates them.
+    """
+    layers = [m for m in model.modules() if isinstance(m, NF4Linear)]
+    for m in layers:
+        device = m.weight_packed.device
+        if device.type == "cuda" and torch.cuda.get_device_capability(device) < (8, 9):
+            raise ValueError(
+                f"FP8 matmuls need a GPU of compute capability 8.9 or newer (Ada, Hopper); "
+                f"{torch.cuda.get_device_name(device)} has {torch.cuda.get_device_capability(device)}"
+            )
+        m.fp8 = fp8.supports((m.out_features, m.in_features))
+    return sum(m.fp8 for m in layers)

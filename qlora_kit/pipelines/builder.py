@@ -4,6 +4,7 @@
       -> LoRA on the targeted linears (recipe.lora)
       -> QAT fake-quant (recipe.qat)
       -> fused ops, or the plain PyTorch path (training.fused_kernels)
+      -> the base GEMMs in FP8 (training.fp8_base_matmul)
       -> the MLPs in chunks of tokens (training.mlp_chunk_tokens)
       -> gradient checkpointing, uncheckpointed layers, offloaded checkpoints and embeddings
       -> optimizer inside backward, offloaded adapters (training.optimizer_in_backward, offload_adapters)
@@ -32,6 +33,7 @@ from qlora_kit.model.offload import offload_embeddings, use_offloaded_checkpoint
 from qlora_kit.model.sft import SFTModel
 from qlora_kit.model.sources import ModelSource
 from qlora_kit.modules.fake_quant import FakeQuantConfig
+from qlora_kit.modules.nf4_linear import use_fp8_matmuls
 from qlora_kit.modules.qat_lora import enable_qat, set_qat_active
 from qlora_kit.modules.tiled_mlp import use_tiled_mlp
 from qlora_kit.pipelines.optim import optimizer_in_backward, optimizer_name
@@ -112,6 +114,18 @@ def build_training_model(
     callbacks = _setup_qat(lm, recipe) if recipe.qat.enabled else []
     if t.fused_kernels:
         use_fused_ops(lm)
+    if t.fp8_base_matmul:
+        try:
+            n = use_fp8_matmuls(lm)
+        except ValueError as e:
+            raise RecipeError(f"training.fp8_base_matmul: {e}") from None
+        log.info("FP8 (e4m3) GEMMs for %d frozen NF4 weights", n)
+        if device.type != "cuda":
+            log.warning(
+                "training.fp8_base_matmul on the %s: the e4m3 GEMMs are emulated in fp32 (for tests), "
+                "slower than the full-precision path, generation most of all",
+                device.type,
+            )
     if t.mlp_chunk_tokens:
         # After the fused ops: each chunk runs the MLP forward the model has by now.
         try:
@@ -157,6 +171,11 @@ def _check(recipe: Recipe, processes: int, sharded: bool) -> None:
         raise RecipeError(
             "training.offload_embeddings does not work under FSDP, which shards the embeddings "
             "over the GPUs with the rest of the model: set it to false"
+        )
+    if t.fp8_base_matmul and recipe.qat.enabled:
+        raise RecipeError(
+            "training.fp8_base_matmul does not combine with qat: QAT fake-quantizes the full-precision "
+            "base plus the adapter toward the export grid; set one of them to false"
         )
     if t.optimizer_in_backward and processes > 1:
         raise RecipeError(
