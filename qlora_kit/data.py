@@ -68,6 +68,7 @@ def load_rows(source: str, split: str = "train") -> datasets.Dataset:
 
     Raises MissingFileError (a FileNotFoundError) for a missing local file and DataError
     naming the file when it cannot be read (with the line number when it is not valid JSON).
+    Every string of a local JSON file stays the text it was (see :func:`_as_written`).
     """
     path = Path(source)
     if path.suffix.lower() in _BUILDERS and path.is_dir():
@@ -81,14 +82,41 @@ def load_rows(source: str, split: str = "train") -> datasets.Dataset:
         if _is_blank(path):
             raise DataError(f"{source}: the file is empty")
         try:
-            return datasets.load_dataset(builder, data_files=str(path), split="train", **_csv_options(path))
+            rows = datasets.load_dataset(builder, data_files=str(path), split="train", **_csv_options(path))
         except Exception as e:  # datasets wraps parser errors several layers deep
             bad_line = _json_error_line(path) if builder == "json" else None
             raise DataError(f"{source}: {bad_line or f'cannot read {builder} file: {_root_cause(e)}'}") from e
+        return _as_written(rows, path) if builder == "json" else rows
     try:
         return datasets.load_dataset(source, split=split)
     except Exception as e:
         raise DataError(f"cannot load dataset {source!r} (split {split!r}): {_root_cause(e)}") from e
+
+
+def _as_written(rows: datasets.Dataset, path: Path) -> datasets.Dataset:
+    """``rows`` of a JSON file, read again with Python's json when pyarrow typed a column as timestamps.
+
+    pyarrow's JSON reader types a column whose every value looks like an ISO date (answers such
+    as "2038-04-01") as timestamps, which would reach the chat template as datetimes.
+    """
+    if not _has_timestamps(rows.features):
+        return rows
+    text = path.read_text(encoding="utf-8")
+    values = (
+        json.loads(text) if path.suffix.lower() == ".json" else [json.loads(x) for x in text.splitlines() if x.strip()]
+    )
+    return datasets.Dataset.from_list(values)
+
+
+def _has_timestamps(feature: Any) -> bool:
+    if isinstance(feature, dict):
+        return any(_has_timestamps(f) for f in feature.values())
+    if isinstance(feature, (list, tuple)):
+        return any(_has_timestamps(f) for f in feature)
+    inner = getattr(feature, "feature", None)
+    if inner is not None:
+        return _has_timestamps(inner)
+    return isinstance(feature, datasets.Value) and feature.dtype.startswith(("timestamp", "date"))
 
 
 def _is_blank(path: Path, peek: int = 1 << 16) -> bool:

@@ -19,10 +19,8 @@ last tokens; ``data.max_seq_len`` then cuts the answers. Batches are TRL's
 
 from __future__ import annotations
 
-import json
 import logging
 from dataclasses import dataclass, replace
-from pathlib import Path
 from typing import Any
 
 import datasets
@@ -149,41 +147,10 @@ def build_preference_datasets(
     return PreferenceData(train=train, validation=validation, test=test, skipped=skipped, dropped=dropped)
 
 
-def load_pairs(source: str, split: str = "train") -> datasets.Dataset:
-    """The rows of ``source`` as :func:`qlora_kit.data.load_rows` reads them, with every answer as written.
-
-    pyarrow's JSON reader types a column whose every value looks like an ISO date (answers such
-    as "2038-04-01") as timestamps; such a local JSON file is read again with Python's json,
-    which keeps the text.
-    """
-    rows = load_rows(source, split)
-    path = Path(source)
-    if path.suffix.lower() in (".jsonl", ".json") and path.is_file() and _has_timestamps(rows.features):
-        text = path.read_text(encoding="utf-8")
-        values = (
-            json.loads(text)
-            if path.suffix.lower() == ".json"
-            else [json.loads(x) for x in text.splitlines() if x.strip()]
-        )
-        rows = datasets.Dataset.from_list(values)
-    return rows
-
-
-def _has_timestamps(feature: Any) -> bool:
-    if isinstance(feature, dict):
-        return any(_has_timestamps(f) for f in feature.values())
-    if isinstance(feature, (list, tuple)):
-        return any(_has_timestamps(f) for f in feature)
-    inner = getattr(feature, "feature", None)
-    if inner is not None:
-        return _has_timestamps(inner)
-    return isinstance(feature, datasets.Value) and feature.dtype.startswith(("timestamp", "date"))
-
-
 def _tokenized_pairs(
     source: str, data_cfg: Any, tokenizer: Any, max_prompt_len: int | None
 ) -> tuple[datasets.Dataset, int, int]:
-    rows = load_pairs(source, data_cfg.split)
+    rows = load_rows(source, data_cfg.split)
     missing = PAIR_COLUMNS - set(rows.column_names)
     if missing:
         raise DataError(

@@ -141,6 +141,23 @@ def test_each_format_from_each_file_type(tok, tmp_path, case, ext):
         assert trained_text(tok, train[0]) == "4<|im_end|>"
 
 
+@pytest.mark.parametrize("ext", [".jsonl", ".json"])
+def test_answers_that_all_look_like_iso_dates_stay_text(tok, tmp_path, ext):
+    """pyarrow's JSON reader would type such a column as timestamps: the answers reach training and
+    evaluation exactly as written."""
+    rows = [{"prompt": f"5 March {y} in ISO", "completion": f"{y}-03-05"} for y in (2021, 1999)]
+    path = write_rows(tmp_path / f"dates{ext}", rows)
+    assert (
+        datasets.load_dataset("json", data_files=str(path), split="train")
+        .features["completion"]
+        .dtype.startswith("timestamp")
+    )  # the upstream behaviour this guards against
+    loaded = load_rows(str(path))
+    assert [r["completion"] for r in loaded] == ["2021-03-05", "1999-03-05"]
+    train = build_datasets(data_cfg(path), tok, seed=0).train
+    assert trained_text(tok, train[0]) == "2021-03-05<|im_end|>"
+
+
 def test_labels_are_exactly_the_answer_and_its_end_of_turn(tok):
     messages = [user("Convert: the 5th of March, 2021"), assistant("2021-03-05")]
     row = tokenize_example(messages, tok, max_seq_len=1024)
