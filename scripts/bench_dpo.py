@@ -7,14 +7,16 @@ Both sides get a Llama-shape model with random weights in NF4 + double quantizat
 rejected answer of ``--answer-len`` tokens, so a step runs 2 x pairs rows of prompt + answer
 tokens in TRL's collator layout (the chosen rows, then the rejected rows, with a
 ``completion_mask`` over the answers). One step: the policy forward of all rows, the
-reference forward (the same model with the adapters off, without gradients), TRL's sigmoid
-DPO loss, backward, optimizer step. Warm-up steps are excluded; the timed steps are synchronized.
+reference forward (the same model with the adapters off, without gradients), TRL's DPO loss
+(sigmoid, or the recipe's preference.loss_type and loss_weights), backward, optimizer step.
+Warm-up steps are excluded; the timed steps are synchronized.
 
   trl:             scripts/bench_train.py's stock model (LlamaForCausalLM with bitsandbytes Linear4bit,
                    peft.get_peft_model(LoraConfig(target_modules="all-linear"))) in trl.DPOTrainer(DPOConfig(
-                   beta, loss_type sigmoid, gradient checkpointing)); the step is its compute_loss (TRL's fused
-                   LM head, its reference through peft's disabled adapter: the frozen "ref" copy TRL makes of an
-                   adapter it is handed is removed, so both sides' reference is the base)
+                   beta, the recipe's preference.loss_type and loss_weights, gradient checkpointing)); the step
+                   is its compute_loss (TRL's fused LM head, its reference through peft's disabled adapter:
+                   the frozen "ref" copy TRL makes of an adapter it is handed is removed, so both sides'
+                   reference is the base)
   ours:            recipes/bench.yaml + training.method=dpo + the command line's key=value overrides, built by
                    qlora_kit.pipelines.builder.build_training_model (what train() builds); the step is the
                    preference trainer's compute_loss, which runs TRL's DPO loss step on our model
@@ -30,6 +32,7 @@ data and preference modules import trl and datasets; trl's DPOTrainer imports da
     python scripts/bench_dpo.py --side trl,ours,ours-precompute --pairs 4 --prompt-len 512 --answer-len 512
     python scripts/bench_dpo.py --json out.json training.uncheckpointed_layers=8
     python scripts/bench_dpo.py --dry-run                              # the plumbing, on the CPU, in seconds
+    python scripts/bench_dpo.py "preference.loss_type=[sigmoid,sft]"   # the quickstart's loss, on both sides
 """
 
 from __future__ import annotations
@@ -99,12 +102,14 @@ def build_trl(config, recipe, device: torch.device, pairs: int, workdir: str):
 
     model = build_stock(config, recipe, device)
     cuda = device.type == "cuda"
+    loss_types, loss_weights = recipe.preference.losses()
     args = DPOConfig(
         output_dir=workdir,
         per_device_train_batch_size=pairs,
         learning_rate=recipe.training.learning_rate,
         beta=recipe.preference.beta,
-        loss_type=["sigmoid"],
+        loss_type=loss_types,
+        loss_weights=loss_weights,
         max_length=None,
         gradient_checkpointing=recipe.training.gradient_checkpointing,
         gradient_checkpointing_kwargs={"use_reentrant": False},
