@@ -19,7 +19,6 @@ split, exact match, as SFT does.
 
 from __future__ import annotations
 
-import json
 import logging
 from collections import defaultdict
 from pathlib import Path
@@ -35,7 +34,6 @@ from qlora_kit.model.adapters import (
     load_adapter_weights,
     lora_modules,
     read_adapter_config,
-    save_adapter,
     set_lora_weights,
 )
 from qlora_kit.model.fsdp import fsdp_plugin_from_launch, full_tensor, is_sharded
@@ -43,19 +41,17 @@ from qlora_kit.model.load import check_supported
 from qlora_kit.model.preference import PreferenceModel
 from qlora_kit.model.sources import load_config, load_tokenizer, resolve_source
 from qlora_kit.pipelines.builder import build_training_model
-from qlora_kit.pipelines.evaluate import ExactMatchResult, generation_budget, write_generations
+from qlora_kit.pipelines.evaluate import ExactMatchResult, generation_budget
 from qlora_kit.pipelines.matching import check_references
 from qlora_kit.pipelines.optim import full_precision_adapters
 from qlora_kit.pipelines.train import (
-    GENERATIONS_FILE,
-    LOSS_CURVE,
-    METRICS_FILE,
     RECIPE_FILE,
     _evaluated_test,
     _trainer_class,
     evaluate,
+    format_metrics,
     prepare_output_dir,
-    save_loss_curve,
+    save_run,
     training_arguments,
     training_steps,
 )
@@ -376,43 +372,31 @@ def train_preference(recipe: Recipe) -> dict:
     after, after_test = measure()
 
     metrics = {"method": method, "before": before, "after": after, "train_steps": trainer.state.global_step}
-    if test:
-        metrics["test"] = {
-            "examples": len(test),
-            "max_new_tokens": max_new_tokens,
-            "match": recipe.eval.match,
-            "generations": GENERATIONS_FILE,
-        }
-    with full_precision_adapters(lm):
-        save_adapter(lm, out, built.adapter_config, write=state.is_main_process)
+    save_run(
+        state,
+        out,
+        lm,
+        tokenizer,
+        trainer,
+        built.adapter_config,
+        metrics,
+        test,
+        max_new_tokens,
+        recipe,
+        before_test,
+        after_test,
+    )
     if state.is_main_process:
-        tokenizer.save_pretrained(out)
-        save_loss_curve(trainer.state.log_history, out / LOSS_CURVE)
-        (out / METRICS_FILE).write_text(json.dumps(metrics, indent=2))
-        if after_test is not None:
-            tests = {"before": before_test, "after": after_test} if before_test is not None else {"after": after_test}
-            write_generations(out / GENERATIONS_FILE, tests)
-        print(format_preference_metrics(metrics, out, after_test))
+        print(format_metrics(metrics, out, after_test, preference_rows(method), width=24))
     state.wait_for_everyone()
     return metrics
 
 
-def format_preference_metrics(metrics: dict, out: Path, test: ExactMatchResult | None = None) -> str:
-    """The before/after table printed at the end of a preference run."""
-    rows = [
-        (f"{metrics['method']} validation loss", "val_loss", "{:.4f}"),
+def preference_rows(method: str) -> tuple:
+    """The rows a preference run's before/after table starts with (:func:`~qlora_kit.pipelines.train.format_metrics`)."""
+    return (
+        (f"{method} validation loss", "val_loss", "{:.4f}"),
         ("preference accuracy", "pref_accuracy", "{:.1%}"),
         ("reward margin", "reward_margin", "{:.3f}"),
         ("chosen likelier", "chosen_likelier", "{:.1%}"),
-        ("test exact match", "test_exact_match", "{:.1%}"),
-    ]
-    lines = [f"\n{'':24}{'before':>12}{'after':>12}"]
-    for label, key, fmt in rows:
-        if key in metrics["after"]:
-            before = fmt.format(metrics["before"][key]) if key in metrics["before"] else "-"
-            lines.append(f"{label:24}{before:>12}{fmt.format(metrics['after'][key]):>12}")
-    mismatches = test.format_mismatches() if test is not None else ""
-    if mismatches:
-        lines.append(f"\n{mismatches}\nevery test generation, before and after: {out / GENERATIONS_FILE}")
-    lines.append(f"\nadapter, tokenizer, recipe, metrics and loss curve in {out}/")
-    return "\n".join(lines)
+    )

@@ -393,6 +393,43 @@ def train(recipe: Recipe) -> dict:
     after, after_test = evaluate(trainer, lm, tokenizer, data, recipe, max_new_tokens)
 
     metrics = {"before": before, "after": after, "train_steps": trainer.state.global_step}
+    save_run(
+        state,
+        out,
+        lm,
+        tokenizer,
+        trainer,
+        adapter_config,
+        metrics,
+        test,
+        max_new_tokens,
+        recipe,
+        before_test,
+        after_test,
+    )
+    if state.is_main_process:
+        print(format_metrics(metrics, out, after_test))
+    state.wait_for_everyone()
+    return metrics
+
+
+def save_run(
+    state,
+    out: Path,
+    lm: torch.nn.Module,
+    tokenizer,
+    trainer,
+    adapter_config: dict,
+    metrics: dict,
+    test: list,
+    max_new_tokens: int | None,
+    recipe: Recipe,
+    before_test: ExactMatchResult | None,
+    after_test: ExactMatchResult | None,
+) -> None:
+    """What a finished run (SFT or preference) leaves in ``out``: the adapter (under FSDP a collective,
+    so every process calls this; ``state`` is accelerate's PartialState), and from the main process
+    the tokenizer, the loss curve, ``metrics`` (the test's settings added) and the test generations."""
     if test:
         metrics["test"] = {
             "examples": len(test),
@@ -401,7 +438,7 @@ def train(recipe: Recipe) -> dict:
             "generations": GENERATIONS_FILE,
         }
     with full_precision_adapters(lm):
-        save_adapter(lm, out, adapter_config, write=state.is_main_process)  # under FSDP a collective
+        save_adapter(lm, out, adapter_config, write=state.is_main_process)
     if state.is_main_process:
         tokenizer.save_pretrained(out)
         save_loss_curve(trainer.state.log_history, out / LOSS_CURVE)
@@ -409,23 +446,26 @@ def train(recipe: Recipe) -> dict:
         if after_test is not None:
             tests = {"before": before_test, "after": after_test} if before_test is not None else {"after": after_test}
             write_generations(out / GENERATIONS_FILE, tests)
-        print(format_metrics(metrics, out, after_test))
-    state.wait_for_everyone()
-    return metrics
 
 
-def format_metrics(metrics: dict, out: Path, test: ExactMatchResult | None = None) -> str:
-    """The before/after table printed at the end of a run; with the final test result, a few of
-    its wrong answers."""
-    rows = [("validation loss", "val_loss", "{:.4f}"), ("test exact match", "test_exact_match", "{:.1%}")]
+# The rows of an SFT run's table: (label, metric key, format).
+SFT_ROWS = (("validation loss", "val_loss", "{:.4f}"),)
+
+
+def format_metrics(
+    metrics: dict, out: Path, test: ExactMatchResult | None = None, rows: tuple = SFT_ROWS, width: int = 20
+) -> str:
+    """The before/after table printed at the end of a run (``rows``, then the test exact match and the
+    answers the budget cut, labels ``width`` wide); with the final test result, a few of its wrong answers."""
+    rows = [*rows, ("test exact match", "test_exact_match", "{:.1%}")]
     if any(stage.get("test_cut") for stage in (metrics["before"], metrics["after"])):
         budget, examples = metrics["test"]["max_new_tokens"], metrics["test"]["examples"]
         rows.append((f"  cut at {budget} tokens", "test_cut", f"{{}}/{examples}"))
-    lines = [f"\n{'':20}{'before':>12}{'after':>12}"]
+    lines = [f"\n{'':{width}}{'before':>12}{'after':>12}"]
     for label, key, fmt in rows:
         if key in metrics["after"]:
             before = fmt.format(metrics["before"][key]) if key in metrics["before"] else "-"
-            lines.append(f"{label:20}{before:>12}{fmt.format(metrics['after'][key]):>12}")
+            lines.append(f"{label:{width}}{before:>12}{fmt.format(metrics['after'][key]):>12}")
     if test is not None and test.cut:
         lines.append(f"\nafter training: {test.summary()}")
     mismatches = test.format_mismatches() if test is not None else ""
