@@ -126,7 +126,47 @@ def _process_exists(pid: int) -> bool:
     return True
 
 
-class CheckpointWriter:
+class PartialOutputDir:
+    """An output directory written as ``out.partial-<pid>`` beside ``out`` and renamed to ``out`` by
+    :meth:`publish`; a context manager whose ``with`` block, left on an exception (Ctrl-C included),
+    deletes the partial directory. Made only after :func:`check_output_dir` accepts ``out``."""
+
+    def __init__(self, out: str | Path, overwrite: bool) -> None:
+        self.out = Path(out)
+        check_output_dir(self.out, overwrite)
+        self.partial = self.out.with_name(f"{self.out.name}.partial-{os.getpid()}")
+        remove_stale_partials(self.out)
+        if self.partial.exists():  # left by an earlier process that had our pid
+            shutil.rmtree(self.partial)
+        self.partial.mkdir(parents=True)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        if exc_type is not None:
+            self.abort()
+
+    def write_json(self, name: str, obj: Any) -> None:
+        """A JSON file beside the model (e.g. report.json)."""
+        (self.partial / name).write_text(json.dumps(obj, indent=2) + "\n")
+
+    def publish(self) -> None:
+        """Rename the partial directory to ``out`` (replacing an empty or --overwrite ``out``)."""
+        if self.out.exists():  # empty, or --overwrite: checked when the writer was made
+            old = self.out.with_name(f"{self.out.name}.old-{os.getpid()}")
+            os.rename(self.out, old)
+            os.rename(self.partial, self.out)
+            shutil.rmtree(old)
+        else:
+            os.rename(self.partial, self.out)
+
+    def abort(self) -> None:
+        """Delete the partial directory."""
+        shutil.rmtree(self.partial, ignore_errors=True)
+
+
+class CheckpointWriter(PartialOutputDir):
     """Writes one checkpoint (``fmt``: bf16, gptq or awq) shard by shard; use it as a context manager.
 
     ``add`` takes full tensor names: ``...q_proj.weight`` -> an IntQuantWeight for gptq/awq
@@ -140,28 +180,15 @@ class CheckpointWriter:
     ) -> None:
         if fmt not in FORMATS:
             raise ValueError(f"unknown checkpoint format {fmt!r}; expected one of {FORMATS}")
-        self.out = Path(out)
-        check_output_dir(self.out, overwrite)
+        super().__init__(out, overwrite)
         self.fmt = fmt
         self.dtype = _DTYPES[fmt]
         self.max_shard_bytes = max_shard_bytes
-        self.partial = self.out.with_name(f"{self.out.name}.partial-{os.getpid()}")
-        remove_stale_partials(self.out)
-        if self.partial.exists():  # left by an earlier process that had our pid
-            shutil.rmtree(self.partial)
-        self.partial.mkdir(parents=True)
         self._shard: dict[str, Tensor] = {}
         self._shard_bytes = 0
         self._files: list[str] = []
         self._weight_map: dict[str, str] = {}
         self._total_bytes = 0
-
-    def __enter__(self) -> CheckpointWriter:
-        return self
-
-    def __exit__(self, exc_type, exc, tb) -> None:
-        if exc_type is not None:
-            self.abort()
 
     def add(self, tensors: Mapping[str, Tensor | IntQuantWeight]) -> None:
         """Queue tensors for the current shard; writes the shard once it is full."""
@@ -209,10 +236,6 @@ class CheckpointWriter:
         self._total_bytes += self._shard_bytes
         self._shard, self._shard_bytes = {}, 0
 
-    def write_json(self, name: str, obj: Any) -> None:
-        """A JSON file beside the checkpoint (e.g. report.json)."""
-        (self.partial / name).write_text(json.dumps(obj, indent=2) + "\n")
-
     def finish(self, config, tokenizer=None, generation_config=None, quantization_config: dict | None = None) -> Path:
         """Write the last shard, the shard index, config, tokenizer and generation config; publish ``out``."""
         self._flush()
@@ -233,7 +256,14 @@ class CheckpointWriter:
             tokenizer.save_pretrained(self.partial)
         if generation_config is not None:
             generation_config.save_pretrained(self.partial)
-        self._publish()
+        self.publish()
+        log.info(
+            "wrote %s (%s checkpoint, %d shard%s)",
+            self.out,
+            self.fmt,
+            len(self._files),
+            "" if len(self._files) == 1 else "s",
+        )
         return self.out
 
     def _name_shards(self) -> None:
@@ -251,23 +281,3 @@ class CheckpointWriter:
         self.write_json(
             "model.safetensors.index.json", {"metadata": {"total_size": self._total_bytes}, "weight_map": weight_map}
         )
-
-    def _publish(self) -> None:
-        if self.out.exists():  # empty, or --overwrite: checked when the writer was made
-            old = self.out.with_name(f"{self.out.name}.old-{os.getpid()}")
-            os.rename(self.out, old)
-            os.rename(self.partial, self.out)
-            shutil.rmtree(old)
-        else:
-            os.rename(self.partial, self.out)
-        log.info(
-            "wrote %s (%s checkpoint, %d shard%s)",
-            self.out,
-            self.fmt,
-            len(self._files),
-            "" if len(self._files) == 1 else "s",
-        )
-
-    def abort(self) -> None:
-        """Delete the partial directory."""
-        shutil.rmtree(self.partial, ignore_errors=True)

@@ -12,10 +12,7 @@
 
 from __future__ import annotations
 
-import json
 import logging
-import os
-import shutil
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,7 +20,7 @@ from typing import Any
 
 from torch import Tensor
 
-from qlora_kit.pipelines.export import check_output_dir, remove_stale_partials
+from qlora_kit.pipelines.export import PartialOutputDir
 from qlora_kit.pipelines.export_gguf import GGUFExport, read_gguf_state
 from qlora_kit.pipelines.quantize import ImportanceWeighted
 from qlora_kit.quant.gguf_mix import FILE_TYPES
@@ -57,43 +54,30 @@ class GGUFSpec:
         return self.imatrix
 
 
-class GGUFDirectoryWriter:
+class GGUFDirectoryWriter(PartialOutputDir):
     """Writes ``DIR/<name>-<type>.gguf``, a Modelfile and the report files; use it as a context manager.
 
-    The interface of ``export.CheckpointWriter``: ``add`` takes full-name tensors as the driver
-    yields them (:class:`ImportanceWeighted` for linears with importance), ``write_json`` a file
-    beside the model, ``finish`` publishes ``DIR``; leaving the ``with`` block on an exception
-    deletes the partial directory. ``read_back`` completes the GGUF file and returns its tensors
+    The interface of ``export.CheckpointWriter``, and its partial directory (``export.PartialOutputDir``):
+    ``add`` takes full-name tensors as the driver yields them (:class:`ImportanceWeighted` for
+    linears with importance), ``write_json`` a file beside the model, ``finish`` publishes ``DIR``;
+    leaving the ``with`` block on an exception deletes the partial directory. ``read_back`` completes the GGUF file and returns its tensors
     dequantized, for the evaluation.
     """
 
     def __init__(
         self, out: str | Path, config: Any, tokenizer: Any, spec: GGUFSpec, name: str, overwrite: bool = False
     ) -> None:
-        self.out = Path(out)
-        check_output_dir(self.out, overwrite)
+        super().__init__(out, overwrite)
         self.config = config
-        self.partial = self.out.with_name(f"{self.out.name}.partial-{os.getpid()}")
-        remove_stale_partials(self.out)
-        if self.partial.exists():  # left by an earlier process that had our pid
-            shutil.rmtree(self.partial)
-        self.partial.mkdir(parents=True)
         self.file_name = f"{name}-{spec.gguf_type}.gguf"
         try:
             self.export = GGUFExport(
                 self.partial / self.file_name, config, tokenizer, spec.gguf_type, name=name, imatrix=spec.imatrix
             )
         except BaseException:
-            shutil.rmtree(self.partial, ignore_errors=True)
+            super().abort()
             raise
         self._file_done = False
-
-    def __enter__(self) -> GGUFDirectoryWriter:
-        return self
-
-    def __exit__(self, exc_type, exc, tb) -> None:
-        if exc_type is not None:
-            self.abort()
 
     def add(self, tensors: Mapping[str, Tensor | ImportanceWeighted]) -> None:
         """Round and write a part of the model (a layer, the embeddings, the final norm)."""
@@ -115,10 +99,6 @@ class GGUFDirectoryWriter:
         """The GGUF file's tensors as a transformers state dict (float32), once every tensor is in."""
         return read_gguf_state(self._complete_file(), self.config)
 
-    def write_json(self, name: str, obj: Any) -> None:
-        """A JSON file beside the GGUF file (e.g. report.json)."""
-        (self.partial / name).write_text(json.dumps(obj, indent=2) + "\n")
-
     def finish(
         self, config: Any = None, tokenizer: Any = None, generation_config: Any = None, quantization_config=None
     ):
@@ -129,13 +109,7 @@ class GGUFDirectoryWriter:
         """
         self._complete_file()
         (self.partial / MODELFILE).write_text(f"FROM ./{self.file_name}\n")
-        if self.out.exists():  # empty, or --overwrite: checked when the writer was made
-            old = self.out.with_name(f"{self.out.name}.old-{os.getpid()}")
-            os.rename(self.out, old)
-            os.rename(self.partial, self.out)
-            shutil.rmtree(old)
-        else:
-            os.rename(self.partial, self.out)
+        self.publish()
         log.info("wrote %s", self.out / self.file_name)
         return self.out
 
@@ -148,4 +122,4 @@ class GGUFDirectoryWriter:
         """Delete the partial directory (and the partial GGUF file in it)."""
         if not self._file_done:
             self.export.abort()
-        shutil.rmtree(self.partial, ignore_errors=True)
+        super().abort()
