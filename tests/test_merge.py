@@ -105,12 +105,11 @@ def tiny_base(path: Path, tokenizer, kv_heads: int = 4, hidden: int = 128) -> Pa
     return path
 
 
-@pytest.fixture(scope="module")
-def run(tmp_path_factory):
-    """Base model, chat data and a trained-looking adapter directory (adapter, tokenizer, recipe.yaml)."""
-    root = tmp_path_factory.mktemp("merge")
+def adapter_run(root: Path, **base_shape) -> dict:
+    """In ``root``: a :func:`tiny_base` of ``base_shape``, chat data and a trained-looking adapter directory
+    (random LoRA weights, the tokenizer, recipe.yaml). Returns root, base, adapter, tokenizer and eval_text."""
     tokenizer = tiny_tokenizer()
-    base = tiny_base(root / "base", tokenizer)
+    base = tiny_base(root / "base", tokenizer, **base_shape)
     sentences = [s.strip() for s in ESSAYS.split(".") if len(s.strip()) > 40]
     rows = [
         {"messages": [{"role": "user", "content": s[:40]}, {"role": "assistant", "content": s[40:]}]} for s in sentences
@@ -134,6 +133,12 @@ def run(tmp_path_factory):
     )
     save_recipe(load_recipe(root / "recipe.yaml"), adapter / "recipe.yaml")
     return {"root": root, "base": base, "adapter": adapter, "tokenizer": tokenizer, "eval_text": root / "heldout.txt"}
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory):
+    """Base model, chat data and a trained-looking adapter directory (adapter, tokenizer, recipe.yaml)."""
+    return adapter_run(tmp_path_factory.mktemp("merge"))
 
 
 def options(run, out, **kw):

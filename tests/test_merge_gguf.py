@@ -10,13 +10,12 @@ import json
 import gguf
 import pytest
 import torch
-from test_merge import ESSAYS, tiny_base, tiny_tokenizer
+from test_merge import ESSAYS, adapter_run
 from transformers import AutoModelForCausalLM, LlamaForCausalLM
 
 import qlora_kit.pipelines.quantize as quantize_module
 from qlora_kit.cli import main
-from qlora_kit.config import load_recipe, save_recipe
-from qlora_kit.model.adapters import add_lora, lora_modules, peft_config, read_adapter, save_adapter
+from qlora_kit.model.adapters import read_adapter
 from qlora_kit.model.load import load_quantized, resolve_compute_dtype
 from qlora_kit.model.plans import layer_plan
 from qlora_kit.model.sources import load_config, resolve_source
@@ -34,33 +33,10 @@ T = gguf.GGMLQuantizationType
 @pytest.fixture(scope="module")
 def run(tmp_path_factory):
     """A hidden-256 base, chat data, and an adapter directory with random LoRA weights and its recipe."""
-    root = tmp_path_factory.mktemp("merge-gguf")
-    tokenizer = tiny_tokenizer()
-    base = tiny_base(root / "base", tokenizer, kv_heads=2, hidden=256)
-    sentences = [s.strip() for s in ESSAYS.split(".") if len(s.strip()) > 40]
-    rows = [
-        {"messages": [{"role": "user", "content": s[:40]}, {"role": "assistant", "content": s[40:]}]} for s in sentences
-    ]
-    (root / "train.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
-    (root / "test.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows[:3]))
-    (root / "heldout.txt").write_text(ESSAYS[:2500])
-    model = load_quantized(str(base), device="cpu", compute_dtype="float32", progress=False)
-    add_lora(model, r=4, alpha=8)
-    torch.manual_seed(1)
-    for m in lora_modules(model).values():
-        m.lora_B.weight.data.normal_(0, 0.05)
-    adapter = root / "adapter"
-    save_adapter(model, adapter, peft_config(model, 4, 8, 0.0, False, str(base)))
-    tokenizer.save_pretrained(adapter)
-    (root / "recipe.yaml").write_text(
-        f"model: {{name_or_path: '{base}'}}\n"
-        f"data: {{train: '{root}/train.jsonl', validation: '{root}/test.jsonl', test: '{root}/test.jsonl'}}\n"
-        "eval: {max_new_tokens: 4}\n"
-    )
-    save_recipe(load_recipe(root / "recipe.yaml"), adapter / "recipe.yaml")
-    merged = root / "merged"
-    merge(MergeOptions(str(adapter), str(merged), evaluate=False, progress=False))
-    return {"root": root, "base": base, "adapter": adapter, "tokenizer": tokenizer, "merged": merged}
+    run = adapter_run(tmp_path_factory.mktemp("merge-gguf"), kv_heads=2, hidden=256)
+    merged = run["root"] / "merged"
+    merge(MergeOptions(str(run["adapter"]), str(merged), evaluate=False, progress=False))
+    return {**run, "merged": merged}
 
 
 def options(run, out, **kw):
