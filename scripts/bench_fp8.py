@@ -16,6 +16,7 @@ import argparse
 
 import torch
 
+from qlora_kit.compat import scaled_mm
 from qlora_kit.modules.nf4_linear import NF4Linear, base_matmul, base_matmul_grad_input
 from qlora_kit.quant import fp8
 from qlora_kit.quant.nf4 import quantize_nf4
@@ -57,7 +58,7 @@ def measure(n: int, k: int, tokens: int, rep: int) -> tuple[dict, dict]:
         "weight": cuda_ms(layer.fp8_weight, rep),
         "rows": cuda_ms(lambda: fp8.quantize_rows(x), rep),
         "gemm": cuda_ms(
-            lambda: torch._scaled_mm(xq, w_q.t(), xs, w_s.expand(1, n).contiguous(), out_dtype=torch.bfloat16),
+            lambda: scaled_mm(xq, w_q.t(), xs, w_s.expand(1, n).contiguous(), torch.bfloat16),
             rep,
         ),
         "weight^T": cuda_ms(lambda: layer.fp8_weight(transposed=True), rep),

@@ -1,5 +1,7 @@
 """On a CUDA GPU: our NF4 kernels against bitsandbytes' CUDA kernels, bit for bit (skipped elsewhere)."""
 
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -149,7 +151,8 @@ def test_offloaded_checkpoints_on_copy_streams_give_the_same_gradients():
     results = []
     for offload in ("false", "true"):
         recipe = load_recipe(
-            "recipes/bench.yaml", [f"training.offload_activations={offload}", "training.fused_kernels=true"]
+            Path(__file__).resolve().parent.parent / "recipes" / "bench.yaml",
+            [f"training.offload_activations={offload}", "training.fused_kernels=true"],
         )
         built = build_training_model(recipe, "cuda", random_config=config, progress=False)
         model = built.model.train()

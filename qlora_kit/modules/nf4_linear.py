@@ -180,15 +180,16 @@ def _as_storage(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
 def use_fp8_matmuls(model: nn.Module) -> int:
     """Run the GEMMs of every NF4 layer of ``model`` whose shape allows it in e4m3; returns how many.
 
-    e4m3 GEMMs need Hopper or Ada GPUs (compute capability 8.9) on CUDA; on the CPU torch emulates them.
+    e4m3 GEMMs need Hopper or Ada GPUs (compute capability 8.9) on CUDA; elsewhere they are
+    emulated in fp32 (``qlora_kit.compat.scaled_mm``).
     """
     layers = [m for m in model.modules() if isinstance(m, NF4Linear)]
-    for m in layers:
-        device = m.weight_packed.device
+    for device in {m.weight_packed.device for m in layers}:
         if device.type == "cuda" and torch.cuda.get_device_capability(device) < (8, 9):
             raise ValueError(
                 f"FP8 matmuls need a GPU of compute capability 8.9 or newer (Ada, Hopper); "
                 f"{torch.cuda.get_device_name(device)} has {torch.cuda.get_device_capability(device)}"
             )
+    for m in layers:
         m.fp8 = fp8.supports((m.out_features, m.in_features))
     return sum(m.fp8 for m in layers)
