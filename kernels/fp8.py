@@ -1,7 +1,8 @@
 """Triton kernel for FP8 (e4m3) rowwise quantization of activations and gradients.
 
-One program per row: a first pass finds the row's max|x|, a second (from L2) writes
-``q = fp8(x * (448 / amax))`` and the row's scale ``amax / 448``, the operands
+One program per row: it finds the row's max|x|, then writes ``q = fp8(x * (448 / amax))``
+and the row's scale ``amax / 448``. A row of up to 16,384 elements is read once and kept in
+registers; a longer one is read twice (the second time from L2). These are the operands
 ``torch._scaled_mm`` takes with rowwise scaling. It computes exactly what
 ``qlora_kit.quant.fp8.quantize_rows_reference`` computes (IEEE divisions, one fp32 multiply,
 round-to-nearest-even cast); it runs on CUDA only: the interpreter's fp32 -> fp8 cast rounds
@@ -14,27 +15,36 @@ import torch
 
 from qlora_kit.kernels._triton import tl, triton
 
-_MAX_BLOCK = 4096
+_ONE_PASS_MAX = 16384  # the longest row kept in registers (16 warps: 32 fp32 values per thread)
+_TWO_PASS_BLOCK = 4096
 
 if triton is not None:
 
     @triton.jit
-    def _quantize_rows_kernel(x_ptr, q_ptr, scale_ptr, K, stride_x, BLOCK: tl.constexpr):
+    def _quantize_rows_kernel(x_ptr, q_ptr, scale_ptr, K, stride_x, BLOCK: tl.constexpr, ONE_PASS: tl.constexpr):
         row = tl.program_id(0).to(tl.int64)
         x_ptr += row * stride_x
         q_ptr += row * K
-        amax = tl.zeros((BLOCK,), tl.float32)
-        for start in range(0, K, BLOCK):
-            offs = start + tl.arange(0, BLOCK)
+        if ONE_PASS:
+            offs = tl.arange(0, BLOCK)
             x = tl.load(x_ptr + offs, mask=offs < K, other=0.0).to(tl.float32)
-            amax = tl.maximum(amax, tl.abs(x))
+            amax = tl.abs(x)
+        else:
+            amax = tl.zeros((BLOCK,), tl.float32)
+            for start in range(0, K, BLOCK):
+                offs = start + tl.arange(0, BLOCK)
+                x = tl.load(x_ptr + offs, mask=offs < K, other=0.0).to(tl.float32)
+                amax = tl.maximum(amax, tl.abs(x))
         # An all-zero row: the reference's smallest amax (quant.fp8.TINY), so zero codes and a tiny scale.
         row_amax = tl.maximum(tl.max(amax, axis=0), 1e-12)
         inv = tl.math.div_rn(tl.full((), 448.0, tl.float32), row_amax)
-        for start in range(0, K, BLOCK):
-            offs = start + tl.arange(0, BLOCK)
-            x = tl.load(x_ptr + offs, mask=offs < K, other=0.0).to(tl.float32)
+        if ONE_PASS:
             tl.store(q_ptr + offs, (x * inv).to(q_ptr.dtype.element_ty), mask=offs < K)
+        else:
+            for start in range(0, K, BLOCK):
+                offs = start + tl.arange(0, BLOCK)
+                x = tl.load(x_ptr + offs, mask=offs < K, other=0.0).to(tl.float32)
+                tl.store(q_ptr + offs, (x * inv).to(q_ptr.dtype.element_ty), mask=offs < K)
         tl.store(scale_ptr + row, tl.math.div_rn(row_amax, tl.full((), 448.0, tl.float32)))
 
 
@@ -45,6 +55,8 @@ def quantize_rows_fp8(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     m, k = x.shape
     q = torch.empty((m, k), dtype=torch.float8_e4m3fn, device=x.device)
     scale = torch.empty((m, 1), dtype=torch.float32, device=x.device)
-    block = min(triton.next_power_of_2(k), _MAX_BLOCK)
-    _quantize_rows_kernel[(m,)](x, q, scale, k, x.stride(0), BLOCK=block, num_warps=8 if block >= 2048 else 4)
+    one_pass = k <= _ONE_PASS_MAX
+    block = triton.next_power_of_2(k) if one_pass else _TWO_PASS_BLOCK
+    warps = 16 if block > 4096 else 8 if block >= 2048 else 4
+    _quantize_rows_kernel[(m,)](x, q, scale, k, x.stride(0), BLOCK=block, ONE_PASS=one_pass, num_warps=warps)
     return q, scale

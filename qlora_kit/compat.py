@@ -243,6 +243,14 @@ def orpo_odds_ratio_loss() -> Callable:
     return ORPOTrainer.odds_ratio_loss
 
 
+def in_backward() -> bool:
+    """Whether autograd is running a backward pass right now (a checkpoint's recompute runs inside one).
+
+    torch's private graph-task id, the test ``torch.utils.checkpoint`` itself makes: -1 outside backward.
+    """
+    return torch._C._current_graph_task_id() != -1
+
+
 def scaled_mm(
     a: torch.Tensor, b: torch.Tensor, scale_a: torch.Tensor, scale_b: torch.Tensor, out_dtype: torch.dtype
 ) -> torch.Tensor:

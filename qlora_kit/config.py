@@ -118,8 +118,10 @@ class TrainingSection:
     fused_kernels: bool = True
     # The last N decoder layers keep their activations instead of recomputing them (speed for memory).
     uncheckpointed_layers: int = 0
-    # The frozen base's GEMMs in FP8 e4m3 (qlora_kit/quant/fp8.py; Ada/Hopper GPUs): faster, slightly perturbed base.
-    fp8_base_matmul: bool = False
+    # The frozen base's GEMMs in FP8 e4m3 (qlora_kit/quant/fp8.py; Ada/Hopper GPUs): faster, slightly perturbed
+    # base. true: every one; "backward": those of the backward pass only (recompute, input gradients), the
+    # forward (the loss) in full precision. Any + _RANGES, as for mlp_chunk_tokens.
+    fp8_base_matmul: Any = False
     # Memory levers for models near the GPU's size (see qlora_kit/model/offload.py, pipelines/optim.py).
     optimizer_in_backward: bool = False
     offload_activations: bool = False
@@ -272,6 +274,10 @@ _RANGES: dict[str, tuple[Callable[[Any], bool], str]] = {
     **dict.fromkeys(("lora.dropout", "data.validation_split", "training.warmup_ratio"), _FRACTION),
     **dict.fromkeys(("qat.start_step", "training.weight_decay", "training.uncheckpointed_layers"), _NON_NEGATIVE),
     "training.max_grad_norm": (lambda v: v >= 0, ">= 0 (0 disables clipping)"),
+    "training.fp8_base_matmul": (
+        lambda v: isinstance(v, bool) or v == "backward",
+        "true, false, or 'backward' (only the backward pass: recompute and input gradients)",
+    ),
     "training.mlp_chunk_tokens": (
         lambda v: v == "auto" or (isinstance(v, int) and not isinstance(v, bool) and v >= 0),
         "0 (off), a number of tokens > 0, or 'auto'",

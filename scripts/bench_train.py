@@ -33,6 +33,7 @@ matmul rate measured in the same run (in this process, before the sides run).
     python scripts/bench_train.py --side stock,liger,unsloth,ours --pythonpath unsloth=.devwheels/unsloth
     python scripts/bench_train.py --side ours --json out.json data.max_seq_len=8192 training.batch_size=1
     python scripts/bench_train.py --side stock,ours,ours-qat,plain-path training.uncheckpointed_layers=8
+    python scripts/bench_train.py --side ours,ours-fp8 --seeds 0,1,2 --same-batch --layers 4 --warmup 0 --steps 200
     python scripts/bench_train.py --dry-run --side stock,ours        # the plumbing, on the CPU, in seconds
 """
 
@@ -40,6 +41,7 @@ from __future__ import annotations
 
 import argparse
 import importlib.util
+import itertools
 import json
 import math
 import os
@@ -62,6 +64,8 @@ OURS = {
     "ours-ckpt-offload": ["training.offload_activations=true"],
     "ours-fp8": ["training.fp8_base_matmul=true"],
     "ours-fp8-offload": ["training.fp8_base_matmul=true", "training.offload_activations=true"],
+    "ours-fp8-backward": ["training.fp8_base_matmul=backward"],
+    "ours-fp8-backward-offload": ["training.fp8_base_matmul=backward", "training.offload_activations=true"],
     "ours-qat": ["qat.enabled=true", "qat.group_size=128"],
     "plain-path": ["training.fused_kernels=false"],
 }
@@ -499,6 +503,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument(
         "--same-batch", action="store_true", help="train on one batch throughout (a loss curve that falls)"
     )
+    parser.add_argument(
+        "--seeds",
+        help="comma-separated training.seed values: each ours side runs once per seed (SIDE@SEED), and the "
+        "loss curves are compared seed to seed (bf16's run-to-run spread) and side to ours at the same seed",
+    )
     parser.add_argument("--profile", help="write a torch.profiler table of one timed step to this file")
     parser.add_argument("--json")
     parser.add_argument("--one-side", choices=SIDES, help=argparse.SUPPRESS)  # a side's own process
@@ -520,6 +529,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     bad = [p for p in args.pythonpath if p.partition("=")[0] not in SIDES or not p.partition("=")[2]]
     if bad:
         parser.error(f"--pythonpath takes SIDE=DIR with SIDE one of {', '.join(SIDES)}, got {bad}")
+    try:
+        args.seeds = [int(x) for x in args.seeds.split(",")] if args.seeds else None
+    except ValueError:
+        parser.error(f"--seeds takes comma-separated integers, got {args.seeds!r}")
     if args.device == "cuda" and not torch.cuda.is_available():
         parser.error("no CUDA GPU here: --device cpu (or --dry-run) runs the plumbing on the CPU")
     return args
@@ -569,21 +582,38 @@ def print_tables(results: dict, config) -> None:
             print(f"{'':{w}}" + "".join(f"{s:>{w}}" for s in measured))
             for a in measured:
                 print(f"{a:{w}}" + "".join(f"{sides[a][key] / sides[b][key]:{w - 1}.2f}x" for b in measured))
-    if "tokens_per_s" in sides.get("ours", {}):
-        # With --same-batch, the plain path's curve against ours is bf16's own noise (same math,
-        # other kernels and summation orders): the yardstick for a lever that changes the numbers (FP8).
-        ref = sides["ours"]["losses"]
-        for side in measured:
-            if side != "ours" and side in OURS and side != "ours-qat":
-                curve = sides[side]["losses"]
-                diffs = [abs(a - b) for a, b in zip(curve, ref)]
-                print(
-                    f"loss curve over {len(diffs)} steps, {side} vs ours: max |difference| {max(diffs):.4f}, "
-                    f"mean {sum(diffs) / len(diffs):.4f} (ours {ref[0]:.3f} -> {ref[-1]:.3f}, "
-                    f"{side} {curve[0]:.3f} -> {curve[-1]:.3f})"
-                )
+    print_curve_differences(sides, measured)
     if "tokens_per_s" in sides.get("ours", {}) and "tokens_per_s" in sides.get("ours-qat", {}):
         print(f"QAT step-time overhead: {sides['ours-qat']['step_s'] / sides['ours']['step_s'] - 1:+.1%}")
+
+
+def _curve_difference(a: list[float], b: list[float]) -> tuple[float, float]:
+    diffs = [abs(x - y) for x, y in zip(a, b)]
+    return max(diffs), sum(diffs) / len(diffs)
+
+
+def print_curve_differences(sides: dict, measured: list[str]) -> None:
+    """Every ours-* side's loss curve against ours' at the same seed, and ours' against itself over seeds.
+
+    With --same-batch the plain path against ours is bf16's kernel noise (the same math, other kernels
+    and summation orders), and ours over --seeds is its run-to-run spread (the adapters' initialisation):
+    the yardsticks for a lever that changes the numbers (FP8).
+    """
+    runs = {}  # (side, seed) -> losses
+    for label in measured:
+        side, _, seed = label.partition("@")
+        runs[side, seed] = sides[label]["losses"]
+    seeds = sorted({seed for side, seed in runs if side == "ours"})
+    lines = []
+    for a, b in itertools.combinations(seeds, 2):
+        lines.append((f"ours@{a} vs ours@{b}", *_curve_difference(runs["ours", a], runs["ours", b])))
+    for (side, seed), curve in runs.items():
+        if side in OURS and side not in ("ours", "ours-qat") and ("ours", seed) in runs:
+            name = f"{side}@{seed} vs ours@{seed}" if seed else f"{side} vs ours"
+            lines.append((name, *_curve_difference(curve, runs["ours", seed])))
+    for name, worst, mean in lines:
+        steps = len(next(iter(runs.values())))
+        print(f"loss curve over {steps} steps, {name}: max |difference| {worst:.4f}, mean {mean:.4f}")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -618,19 +648,24 @@ def main(argv: list[str] | None = None) -> int:
         for side, dirs in pythonpath.items()
     }
     deadline = time.monotonic() + (args.budget or math.inf)
-    for side in args.sides:
-        print(f"bench_train: {side} ...", file=sys.stderr, flush=True)
+    runs = [
+        (f"{side}@{seed}", side, [f"training.seed={seed}"]) if args.seeds and side in OURS else (side, side, [])
+        for side in args.sides
+        for seed in (args.seeds if args.seeds and side in OURS else [None])
+    ]
+    for label, side, keys in runs:
+        print(f"bench_train: {label} ...", file=sys.stderr, flush=True)
         timeout = min(args.side_timeout, deadline - time.monotonic())
         if timeout < 1:
             r = {"side": side, "error": f"not run: the --budget of {args.budget:.0f} s was spent"}
         else:
-            r = run_in_subprocess(side, child_argv(args), pythonpath, timeout)
+            r = run_in_subprocess(side, [*child_argv(args), *keys], pythonpath, timeout)
         if "tokens_per_s" in r:
             flops = model_flops_per_step(config, r["lora_params"], r["batch"], r["seq"])
             r["mfu"] = flops / r["step_s"] / (peak_tflops * 1e12)
         elif "skipped" in r:
             print(f"bench_train: {side} skipped: {r['skipped']}", file=sys.stderr, flush=True)
-        results["sides"][side] = r
+        results["sides"][label] = r
     if args.json:
         Path(args.json).write_text(json.dumps(results, indent=2))
     print_tables(results, config)

@@ -89,6 +89,72 @@ def test_lora_layer_in_fp8_trains_like_the_full_precision_one():
         assert 0 < _rel(e4m3, full) < 0.05  # perturbed (it is FP8), by e4m3's rounding only
 
 
+def test_projections_of_one_activation_quantize_it_once_and_a_changed_one_again(monkeypatch):
+    """q, k and v read one tensor: one row quantization for the three, each product as if quantized alone;
+    an in-place write, a new tensor (even at a freed one's address) or an inference tensor: quantized anew."""
+    calls = []
+    quantize_rows = fp8.quantize_rows
+    monkeypatch.setattr(fp8, "quantize_rows", lambda x: calls.append(x.shape) or quantize_rows(x))
+    layers = [NF4Linear(_nf4(96, 128, seed), compute_dtype=torch.float32) for seed in range(3)]
+    use_fp8_matmuls(torch.nn.ModuleList(layers))
+    x = torch.randn(2, 5, 128)
+
+    def alone(layer, x):
+        xq, xs = fp8.quantize_rows_reference(x.reshape(-1, 128))
+        w_q, w_s = layer.fp8_weight()
+        return ((xq.double() * xs.double()) @ (w_q.double() * w_s.double().t()).t()).view(2, 5, 96)
+
+    ys = [layer(x) for layer in layers]
+    assert len(calls) == 1
+    for layer, y in zip(layers, ys):
+        assert torch.allclose(y.double(), alone(layer, x), rtol=1e-5, atol=1e-6)
+    x.mul_(3)
+    assert torch.allclose(layers[0](x).double(), alone(layers[0], x), rtol=1e-5, atol=1e-6)
+    assert len(calls) == 2
+    x_value = x.clone()
+    del x  # its entry goes with it
+    assert fp8._last_activation is None
+    layers[0](x_value)
+    layers[0](x_value.view_as(x_value))  # a view is another tensor object
+    assert len(calls) == 4
+    with torch.inference_mode():
+        xi = x_value.clone()
+        layers[0](xi), layers[1](xi)
+    assert len(calls) == 6
+
+
+def test_backward_mode_keeps_the_forward_exact_and_runs_recompute_and_input_gradient_in_e4m3(monkeypatch):
+    """fp8_base_matmul: backward. The forward equals the full-precision layer's bit for bit; the input
+    gradient is the all-e4m3 layer's; a checkpointed layer's recompute (inside backward) runs in e4m3."""
+    torch.manual_seed(0)
+    layers = [NF4LoRALinear(NF4Linear(_nf4(), compute_dtype=torch.float32), r=8, alpha=16) for _ in range(3)]
+    torch.nn.init.normal_(layers[0].lora_B.weight, std=0.05)
+    for layer in layers[1:]:
+        layer.load_state_dict(layers[0].state_dict())
+    full, e4m3, backward_only = layers
+    use_fp8_matmuls(e4m3)
+    use_fp8_matmuls(backward_only, forward=False)
+    x, g = torch.randn(4, 9, 128), torch.randn(4, 9, 96)
+    outs = []
+    for layer in layers:
+        xi = x.clone().requires_grad_()
+        y = layer(xi)
+        y.backward(g)
+        outs.append((y, xi.grad))
+    assert torch.equal(outs[2][0], outs[0][0]) and not torch.equal(outs[1][0], outs[0][0])
+    assert torch.equal(outs[2][1], outs[1][1]) and not torch.equal(outs[2][1], outs[0][1])
+
+    calls = []
+    quantize_rows = fp8.quantize_rows
+    monkeypatch.setattr(fp8, "quantize_rows", lambda t: calls.append(t.shape) or quantize_rows(t))
+    xi = x.clone().requires_grad_()
+    y = torch.utils.checkpoint.checkpoint(backward_only, xi, use_reentrant=False)
+    assert calls == [] and torch.equal(y, outs[0][0])
+    y.backward(g)
+    assert len(calls) == 2  # the recompute's x and the input gradient's dy
+    assert torch.equal(xi.grad, outs[1][1])
+
+
 def test_shapes_that_are_not_multiples_of_16_keep_the_full_precision_gemm():
     model = torch.nn.Sequential(
         NF4Linear(_nf4(96, 128), compute_dtype=torch.float32), NF4Linear(_nf4(40, 96), compute_dtype=torch.float32)
@@ -105,6 +171,22 @@ def test_fp8_with_qat_is_refused_naming_both_keys():
     recipe = load_recipe(ROOT / "recipes" / "bench.yaml", ["training.fp8_base_matmul=true", "qat.enabled=true"])
     with pytest.raises(RecipeError, match="training.fp8_base_matmul does not combine with qat"):
         build_training_model(recipe, "cpu", random_config=_tiny_config())
+
+
+@pytest.mark.parametrize("value, forward", [("true", True), ("backward", False)])
+def test_recipe_key_builds_every_base_layer_in_its_mode(value, forward):
+    from qlora_kit.modules.nf4_linear import NF4Linear
+    from qlora_kit.pipelines.builder import build_training_model
+
+    recipe = load_recipe(ROOT / "recipes" / "bench.yaml", [f"training.fp8_base_matmul={value}"])
+    built = build_training_model(recipe, "cpu", random_config=_tiny_config(), progress=False)
+    layers = [m for m in built.model.modules() if isinstance(m, NF4Linear)]
+    assert len(layers) == 2 * 7 and all(m.fp8 and m.fp8_forward == forward for m in layers)
+
+
+def test_recipe_key_refuses_other_values_naming_it():
+    with pytest.raises(RecipeError, match=r"training.fp8_base_matmul.*true, false, or 'backward'"):
+        load_recipe(ROOT / "recipes" / "bench.yaml", ["training.fp8_base_matmul=forward"])
 
 
 def _tiny_config():

@@ -104,7 +104,7 @@ def test_fp8_weight_kernel_equals_torch_reference_bit_for_bit(shape):
     assert ours_t.is_contiguous() and torch.equal(ours_t.view(torch.uint8), ref.t().view(torch.uint8))
 
 
-@pytest.mark.parametrize("shape", [(8192, 4096), (13, 14336), (5, 576)])
+@pytest.mark.parametrize("shape", [(8192, 4096), (13, 14336), (5, 576), (7, 20000)])
 def test_fp8_row_quantizer_kernel_equals_torch_reference_bit_for_bit(shape):
     from qlora_kit.quant import fp8
 
@@ -125,15 +125,15 @@ def test_fp8_lora_layer_on_gpu_matches_float64_of_its_operands():
     assert use_fp8_matmuls(layer) == 1
     x = torch.randn(64, 2048, device="cuda", dtype=torch.bfloat16, requires_grad=True)
     y = layer(x)  # B = 0: the base alone
-    w_q, w_s = layer.base.fp8_weight()
+    w_q, w_s = layer.base.fp8_weight()  # w_s: s_W repeated over the output columns, [1, 1024]
     assert torch.equal(layer.base.fp8_weight(transposed=True)[0].view(torch.uint8), w_q.t().view(torch.uint8))
     xq, xs = fp8.quantize_rows_reference(x.detach())
-    ref = (xq.double() * xs.double()) @ (w_q.double() * w_s.double()).t()
+    ref = (xq.double() * xs.double()) @ (w_q.double() * w_s.double().t()).t()
     assert (y.double() - ref).norm() / ref.norm() < 4e-3  # bf16 output rounding
     g = torch.randn_like(y)
     y.backward(g)
     gq, gs = fp8.quantize_rows_reference(g)
-    grad_ref = (gq.double() * gs.double()) @ (w_q.double() * w_s.double())
+    grad_ref = (gq.double() * gs.double()) @ (w_q.double() * w_s.double().t())
     assert (x.grad.double() - grad_ref).norm() / grad_ref.norm() < 4e-3
 
 

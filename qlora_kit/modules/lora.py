@@ -95,7 +95,8 @@ class _LoRANF4MatMul(torch.autograd.Function):
         x2 = x.reshape(-1, x.shape[-1])
         a, b = lora_a.to(x.dtype), lora_b.to(x.dtype)
         t = x2 @ a.t()
-        y = base_matmul(x2, base)
+        # x itself, not x2: the FP8 path recognises the same tensor coming to q, k and v.
+        y = base_matmul(x, base).view(-1, base.out_features)
         y.addmm_(t, b.t(), alpha=scaling)
         ctx.base, ctx.scaling = base, scaling
         ctx.save_for_backward(x, t, lora_a, lora_b)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from qlora_kit.compat import in_backward
 from qlora_kit.kernels.dispatch import check_kernel
 from qlora_kit.quant import fp8
 from qlora_kit.quant.nf4 import BLOCKSIZE, NESTED_BLOCKSIZE, NF4Tensor, dequantize_nf4
@@ -17,8 +18,9 @@ QUANT_STORAGE_DTYPES = (torch.uint8, torch.int8, torch.float16, torch.bfloat16, 
 
 
 def base_matmul(x: torch.Tensor, base: NF4Linear) -> torch.Tensor:
-    """``x @ W^T`` for a 2-d ``x`` and the frozen NF4 weight of ``base``: in x's dtype, or in e4m3 (``base.fp8``)."""
-    if base.fp8:
+    """``x @ W^T`` for ``x`` ``[..., K]`` and the frozen NF4 weight of ``base``: in x's dtype, or in e4m3
+    (``base.fp8``; with ``base.fp8_forward`` off only inside a backward pass: a checkpoint's recompute)."""
+    if base.fp8 and (base.fp8_forward or in_backward()):
         return fp8.linear(x, *base.fp8_weight())
     return x @ base.dequantized_weight(x.dtype).t()
 
@@ -43,7 +45,8 @@ class _NF4MatMul(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x: torch.Tensor, base: NF4Linear) -> torch.Tensor:
         ctx.base = base
-        return base_matmul(x.reshape(-1, x.shape[-1]), base).view(*x.shape[:-1], base.out_features)
+        # x itself, not a reshaped view: the FP8 path recognises the same tensor coming to q, k and v.
+        return base_matmul(x, base)
 
     @staticmethod
     def backward(ctx, grad_out: torch.Tensor):
@@ -67,10 +70,12 @@ class NF4Linear(nn.Module):
     the bytes, so :attr:`nf4_weight` raises when it finds another dtype.
 
     With :attr:`fp8` set (:func:`use_fp8_matmuls`) the GEMMs with the weight run in e4m3
-    (:mod:`qlora_kit.quant.fp8`).
+    (:mod:`qlora_kit.quant.fp8`); with :attr:`fp8_forward` off as well, only those of the backward
+    pass (the recompute of a checkpointed layer and the input gradient), the forward in full precision.
     """
 
     fp8 = False
+    fp8_forward = True
 
     def __init__(
         self,
@@ -99,8 +104,10 @@ class NF4Linear(nn.Module):
                 f"expected a weight of shape {(self.out_features, self.in_features)}, got {tuple(weight.shape)}"
             )
         self.weight_dtype = weight.dtype
-        # Not saved; a buffer so that it moves with the module.
+        # FP8 matmuls: s_W repeated over max(N, K) (the rowwise GEMMs' [1, columns] scale, for W and
+        # W^T) and NF4's code table divided by s_W. Not saved; buffers so that they move with the module.
         self.register_buffer("fp8_scale", None, persistent=False)
+        self.register_buffer("fp8_code", None, persistent=False)
         tensors = (weight.packed, weight.absmax_q, weight.nested_absmax, weight.offset)
         for name, tensor in zip(NF4_STORAGE, tensors):
             if self.quant_storage is None:
@@ -150,11 +157,15 @@ class NF4Linear(nn.Module):
         return dequantize_nf4(self.nf4_weight, dtype or self.compute_dtype, kernel=self.kernel)
 
     def fp8_weight(self, transposed: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
-        """The weight as fresh e4m3 codes (``transposed``: of W^T) and their fp32 scale: W ~ scale * codes."""
+        """The weight as fresh e4m3 codes ``[N, K]`` (``transposed``: of W^T, ``[K, N]``) and their fp32
+        scale s_W repeated as a ``[1, rows]`` row, as the rowwise GEMM takes it: W ~ s_W * codes."""
         weight = self.nf4_weight
-        if self.fp8_scale is None:  # the weight is frozen: its scale is taken once (set_weight clears it)
-            self.fp8_scale = fp8.weight_scale(weight)
-        return fp8.dequantize_nf4_e4m3(weight, self.fp8_scale, transposed), self.fp8_scale
+        if self.fp8_scale is None:  # the weight is frozen: its scales are made once (set_weight clears them)
+            scale = fp8.weight_scale(weight)
+            self.fp8_scale = scale.expand(max(self.out_features, self.in_features)).contiguous()
+            self.fp8_code = fp8.scaled_code(scale)
+        codes = fp8.dequantize_nf4_e4m3(weight, self.fp8_scale[0], transposed, code=self.fp8_code)
+        return codes, self.fp8_scale[: codes.shape[0]].view(1, -1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = _NF4MatMul.apply(x.to(self.compute_dtype), self)
@@ -177,8 +188,11 @@ def _as_storage(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     return data.view(dtype)
 
 
-def use_fp8_matmuls(model: nn.Module) -> int:
+def use_fp8_matmuls(model: nn.Module, forward: bool = True) -> int:
     """Run the GEMMs of every NF4 layer of ``model`` whose shape allows it in e4m3; returns how many.
+
+    ``forward`` False: only the GEMMs of the backward pass (a checkpoint's recompute, the input
+    gradient); the forward pass, which gives the loss and the generations, stays in full precision.
 
     e4m3 GEMMs need Hopper or Ada GPUs (compute capability 8.9) on CUDA; elsewhere they are
     emulated in fp32 (``qlora_kit.compat.scaled_mm``).
@@ -192,4 +206,5 @@ def use_fp8_matmuls(model: nn.Module) -> int:
             )
     for m in layers:
         m.fp8 = fp8.supports((m.out_features, m.in_features))
+        m.fp8_forward = forward
     return sum(m.fp8 for m in layers)

@@ -65,6 +65,7 @@ def build_training_model(
     *,
     source: ModelSource | None = None,
     random_config=None,
+    random_seed: int = 0,
     total_steps: int | None = None,
     processes: int = 1,
     fsdp=None,
@@ -76,6 +77,8 @@ def build_training_model(
         recipe: the model, quantization, lora, qat and training sections are read.
         source: the base checkpoint (:func:`~qlora_kit.model.sources.resolve_source`); or
         random_config: a transformers config whose shape gets random NF4 weights (benchmarks).
+        random_seed: the seed of those weights. They stand for a checkpoint: training.seed (the
+            adapters' initialisation, the data order) does not change them.
         total_steps: optimizer steps of the run, for the schedules of ``optimizer_in_backward``.
         processes: data-parallel processes (``optimizer_in_backward`` needs one).
         fsdp: accelerate's FSDP plugin (:func:`~qlora_kit.model.fsdp.fsdp_plugin_from_launch`) or None:
@@ -106,7 +109,7 @@ def build_training_model(
         )
     else:
         lm = build_random_quantized(
-            random_config, device, compute_dtype, recipe.model.attn_implementation, t.seed, progress, keep_on
+            random_config, device, compute_dtype, recipe.model.attn_implementation, random_seed, progress, keep_on
         )
     lora = recipe.lora
     # training.fused_kernels false is the plain PyTorch path: plain LoRA autograd, stock ops, full-logits loss.
@@ -116,15 +119,17 @@ def build_training_model(
         use_fused_ops(lm)
     if t.fp8_base_matmul:
         try:
-            n = use_fp8_matmuls(lm)
+            n = use_fp8_matmuls(lm, forward=t.fp8_base_matmul is True)
         except ValueError as e:
             raise RecipeError(f"training.fp8_base_matmul: {e}") from None
-        log.info("FP8 (e4m3) GEMMs for %d frozen NF4 weights", n)
+        where = "" if t.fp8_base_matmul is True else " in the backward pass (recompute, input gradients)"
+        log.info("FP8 (e4m3) GEMMs%s for %d frozen NF4 weights", where, n)
         if device.type != "cuda":
             log.warning(
                 "training.fp8_base_matmul on the %s: the e4m3 GEMMs are emulated in fp32 (for tests), "
-                "slower than the full-precision path, generation most of all",
+                "slower than the full-precision path%s",
                 device.type,
+                ", generation most of all" if t.fp8_base_matmul is True else "",
             )
     if t.mlp_chunk_tokens:
         # After the fused ops: each chunk runs the MLP forward the model has by now.

@@ -20,6 +20,8 @@ another shape keeps the compute-dtype path (:func:`supports`).
 
 from __future__ import annotations
 
+import weakref
+
 import torch
 
 from qlora_kit.compat import scaled_mm
@@ -56,6 +58,36 @@ def quantize_rows(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return quantize_rows_reference(x)
 
 
+# The activation quantized last: (a weak reference to it, its version counter, q, scale). A decoder
+# layer's q, k and v projections (and gate and up) multiply one tensor: its e4m3 copy is made once.
+_last_activation: tuple[weakref.ref, int, torch.Tensor, torch.Tensor] | None = None
+
+
+def _forget(ref: weakref.ref) -> None:
+    global _last_activation
+    if _last_activation is not None and _last_activation[0] is ref:
+        _last_activation = None
+
+
+def quantize_activation(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`quantize_rows` of ``x`` viewed as ``[-1, K]``, reused while the same tensor, unchanged, comes again.
+
+    Keyed by the tensor object, weakly (a new tensor at a freed one's address never matches, and
+    the copy goes when the tensor does), and by its version counter (an in-place write to it
+    invalidates the copy). Inference tensors have no version counter: they are quantized every time.
+    """
+    global _last_activation
+    tracked = not torch.is_inference(x)
+    if tracked and _last_activation is not None:
+        ref, version, q, s = _last_activation
+        if ref() is x and version == x._version:
+            return q, s
+    q, s = quantize_rows(x.reshape(-1, x.shape[-1]))
+    if tracked:
+        _last_activation = (weakref.ref(x, _forget), x._version, q, s)
+    return q, s
+
+
 def weight_scale(t: NF4Tensor) -> torch.Tensor:
     """``s_W``: the fp32 0-d scale that maps max|W| (the largest block absmax) to 448."""
     return dequantize_absmax(t).amax().clamp(min=TINY) / E4M3_MAX
@@ -68,10 +100,18 @@ def dequantize_nf4_e4m3_reference(t: NF4Tensor, scale: torch.Tensor) -> torch.Te
     return _blockwise_scale(values, dequantize_absmax(t), t.blocksize).view(t.shape).to(E4M3)
 
 
-def dequantize_nf4_e4m3(t: NF4Tensor, scale: torch.Tensor, transposed: bool = False) -> torch.Tensor:
+def scaled_code(scale: torch.Tensor) -> torch.Tensor:
+    """NF4's 16 code values divided by ``s_W``: the table the e4m3 dequant looks codes up in."""
+    return nf4_code(scale.device) / scale
+
+
+def dequantize_nf4_e4m3(
+    t: NF4Tensor, scale: torch.Tensor, transposed: bool = False, code: torch.Tensor | None = None
+) -> torch.Tensor:
     """W / s_W in e4m3, straight from NF4 (``transposed``: W^T, contiguous).
 
-    On CUDA the NF4 dequant kernels with their code table divided by s_W; elsewhere the reference.
+    On CUDA the NF4 dequant kernels with their code table divided by s_W (``code``: that table,
+    :func:`scaled_code`, when the caller keeps it); elsewhere the reference.
     """
     from qlora_kit.kernels.dispatch import use_triton
 
@@ -81,7 +121,8 @@ def dequantize_nf4_e4m3(t: NF4Tensor, scale: torch.Tensor, transposed: bool = Fa
     from qlora_kit.kernels.nf4 import dequantize_nf4_dq, dequantize_nf4_dq_t
     from qlora_kit.quant.nf4 import dynamic_map
 
-    args = (t.packed, t.absmax_q, t.nested_absmax, t.offset, nf4_code(t.device) / scale, dynamic_map(t.device))
+    code = scaled_code(scale) if code is None else code
+    args = (t.packed, t.absmax_q, t.nested_absmax, t.offset, code, dynamic_map(t.device))
     if not transposed:
         return dequantize_nf4_dq(*args, t.shape, E4M3, t.blocksize, t.nested_blocksize)
     if len(t.shape) == 2 and t.shape[1] % 64 == 0 and t.shape[1] % t.blocksize == 0:
@@ -89,18 +130,29 @@ def dequantize_nf4_e4m3(t: NF4Tensor, scale: torch.Tensor, transposed: bool = Fa
     return dequantize_nf4_dq(*args, t.shape, E4M3, t.blocksize, t.nested_blocksize).t().contiguous()
 
 
-def _matmul(a: torch.Tensor, b_t: torch.Tensor, b_scale: torch.Tensor, out_dtype: torch.dtype) -> torch.Tensor:
-    """``a @ (s_b * q_b)^T`` for a 2-d ``a`` in ``out_dtype``; ``b_t``: e4m3 ``[N, K]``, row-major."""
-    q, s = quantize_rows(a)
+def _matmul(
+    q: torch.Tensor, s: torch.Tensor, b_t: torch.Tensor, b_scale: torch.Tensor, out_dtype: torch.dtype
+) -> torch.Tensor:
+    """``(s * q) @ (s_b * q_b)^T`` in ``out_dtype``; ``b_t``: e4m3 ``[N, K]``, row-major; ``b_scale``: 0-d or ``[1, N]``."""
     n = b_t.shape[0]
-    return scaled_mm(q, b_t.t(), s, b_scale.expand(1, n).contiguous(), out_dtype)
+    if b_scale.dim() < 2:
+        b_scale = b_scale.expand(1, n).contiguous()
+    return scaled_mm(q, b_t.t(), s, b_scale, out_dtype)
 
 
 def linear(x: torch.Tensor, w_q: torch.Tensor, w_scale: torch.Tensor) -> torch.Tensor:
-    """``x @ W^T`` for ``x`` ``[M, K]`` and ``W = w_scale * w_q`` (e4m3 ``[N, K]``), in x's dtype."""
-    return _matmul(x, w_q, w_scale, x.dtype)
+    """``x @ W^T`` for ``x`` ``[..., K]`` and ``W = w_scale * w_q`` (e4m3 ``[N, K]``), in x's dtype.
+
+    ``w_scale``: s_W, 0-d or repeated as a ``[1, N]`` row (what the rowwise GEMM takes). x is
+    quantized by :func:`quantize_activation` (once for all the projections of the same tensor).
+    """
+    q, s = quantize_activation(x)
+    return _matmul(q, s, w_q, w_scale, x.dtype).view(*x.shape[:-1], w_q.shape[0])
 
 
 def linear_grad_input(grad_out: torch.Tensor, w_q_t: torch.Tensor, w_scale: torch.Tensor) -> torch.Tensor:
-    """``dy @ W`` for ``dy`` ``[M, N]``, given ``W^T = w_scale * w_q_t`` (e4m3 ``[K, N]``, contiguous)."""
-    return _matmul(grad_out, w_q_t, w_scale, grad_out.dtype)
+    """``dy @ W`` for ``dy`` ``[M, N]``, given ``W^T = w_scale * w_q_t`` (e4m3 ``[K, N]``, contiguous).
+
+    ``w_scale``: s_W, 0-d or repeated as a ``[1, K]`` row.
+    """
+    return _matmul(*quantize_rows(grad_out), w_q_t, w_scale, grad_out.dtype)
