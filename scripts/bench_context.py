@@ -12,17 +12,24 @@ bisects between the longest fit and the shortest failure on multiples of --step.
   ours, ours-offload, ...: recipes/bench.yaml + the side's keys + the command line's key=value
       overrides (which win), built by qlora_kit.pipelines.builder.build_training_model
   ours-long: + offloaded checkpoints and embeddings, and the tiled MLP (training.mlp_chunk_tokens=auto)
+  ours-long-fp8: ours-long + the base GEMMs in e4m3 (training.fp8_base_matmul: true)
+  ours-long-fp8-backward: ours-long + the backward pass's base GEMMs in e4m3 (training.fp8_base_matmul: backward)
   stock:   transformers + peft + bitsandbytes (scripts/bench_train.py's build_stock)
   unsloth: unsloth.FastLanguageModel, 4-bit, use_gradient_checkpointing="unsloth", on a random
       bf16 checkpoint of the shape written once (--unsloth-checkpoint); skipped when the package is missing
 
     python scripts/bench_context.py --cap-gb 24 --side ours-long,unsloth,stock
+    python scripts/bench_context.py --cap-gb 24 --side ours-long,unsloth,stock --start stock=8192,unsloth=65536,131072 \
+        --pythonpath unsloth=.devwheels/unsloth
     python scripts/bench_context.py --cap-gb 80 --side ours-long --start 131072 --step 16384
     python scripts/bench_context.py --cap-gb 24 --side ours-long --json ctx.json --resume   # after an interruption
     python scripts/bench_context.py --dry-run   # the search on the CPU: a tiny model, a simulated cap
 
+--start and --max-seq take one length for every side, or SIDE=LENGTH entries (a bare length: the
+others), so that each side's search starts near its answer.
+
 --json writes every trial as it completes; --resume reuses the trials of an earlier run with the
-same settings. A trial that crashes (a host out of memory, a library error) counts as not
+same settings (those that crashed run again). A trial that crashes (a host out of memory, a library error) counts as not
 fitting and its error is printed.
 """
 
@@ -32,6 +39,7 @@ import argparse
 import importlib.util
 import json
 import math
+import os
 import subprocess
 import sys
 import tempfile
@@ -49,8 +57,11 @@ OURS = {
         "training.mlp_chunk_tokens=auto",
     ],
 }
+OURS["ours-long-fp8"] = [*OURS["ours-long"], "training.fp8_base_matmul=true"]
+OURS["ours-long-fp8-backward"] = [*OURS["ours-long"], "training.fp8_base_matmul=backward"]
 PEERS = ("stock", "unsloth")
 RESULT = "RESULT "  # the prefix of a trial's result line on its stdout
+CRASHED = "the trial exited with status"  # the error of a trial that ended without a result
 # --dry-run: a tiny untied Llama on the CPU, and a cap that "fits" up to this many tokens.
 DRY_RUN_SHAPE = dict(
     hidden_size=64,
@@ -117,18 +128,18 @@ def build_side(side: str, seq: int, args, config, device):
     """(step_loss(ids), optimizer) of one side, its model on ``device``."""
     if side == "unsloth":
         return build_unsloth(args, seq)
+    from bench_common import bench_recipe, build_ours, make_optimizer
+
+    # The trial's length and batch come last: they are what the search varies.
+    keys = [*OURS.get(side, []), *args.overrides, f"data.max_seq_len={seq}", "training.batch_size=1"]
+    recipe = bench_recipe(keys)
     if side == "stock":
         import bitsandbytes as bnb
         from bench_train import build_stock
 
-        model, step_loss = build_stock(config, args.rank, checkpointing=True)
+        model = build_stock(config, recipe, device)
         params = [p for p in model.parameters() if p.requires_grad]
-        return step_loss, bnb.optim.PagedAdamW8bit(params, lr=1e-4)
-    from bench_common import bench_recipe, build_ours, make_optimizer
-
-    # The trial's length and batch come last: they are what the search varies.
-    keys = [*OURS[side], *args.overrides, f"data.max_seq_len={seq}", "training.batch_size=1"]
-    recipe = bench_recipe(keys)
+        return (lambda ids: model(input_ids=ids, labels=ids).loss), bnb.optim.PagedAdamW8bit(params, lr=1e-4)
     built = build_ours(recipe, config, device=device, total_steps=args.warmup + args.steps)
     model = built.model
 
@@ -144,7 +155,11 @@ def build_unsloth(args, seq: int):
     from unsloth import FastLanguageModel  # run_trial imported it before transformers
 
     model, _ = FastLanguageModel.from_pretrained(
-        model_name=str(args.unsloth_checkpoint), max_seq_length=seq, dtype=torch.bfloat16, load_in_4bit=True
+        model_name=str(args.unsloth_checkpoint),
+        max_seq_length=seq,
+        dtype=torch.bfloat16,
+        load_in_4bit=True,
+        fix_tokenizer=False,  # a stand-in tokenizer: nothing to fix
     )
     model = FastLanguageModel.get_peft_model(
         model,
@@ -210,19 +225,14 @@ def run_trial(side: str, seq: int, args) -> dict:
 
 
 def write_unsloth_checkpoint(args) -> None:
-    """A random bf16 checkpoint of the shape (Llama's init) with a tokenizer, for FastLanguageModel to load."""
+    """A random bf16 checkpoint of the shape with a stand-in tokenizer (bench_train's), for FastLanguageModel."""
     import torch
-    from transformers import LlamaForCausalLM
-
-    from qlora_kit.model.sources import load_tokenizer, resolve_source
+    from bench_train import write_random_checkpoint
 
     path = Path(args.unsloth_checkpoint)
-    config = model_config(args, args.max_seq)
-    torch.manual_seed(0)
-    with torch.device("cuda"):
-        model = LlamaForCausalLM._from_config(config, dtype=torch.bfloat16)
-    model.save_pretrained(path, max_shard_size="5GB")
-    load_tokenizer(resolve_source("smollm2")).save_pretrained(path)
+    path.mkdir(parents=True, exist_ok=True)
+    # The parent passes Unsloth's longest length: the checkpoint's max_position_embeddings.
+    write_random_checkpoint(model_config(args, int(args.max_seq)), path, torch.device("cuda"))
     (path / "complete").touch()
 
 
@@ -230,16 +240,24 @@ def write_unsloth_checkpoint(args) -> None:
 
 
 def trial_in_subprocess(side: str, seq: int, args) -> dict:
+    from bench_train import side_environment
+
     command = [sys.executable, __file__, "--trial", side, str(seq), *_forwarded(args)]
     start = time.perf_counter()
     try:
-        done = subprocess.run(command, capture_output=True, text=True, timeout=args.trial_timeout)
+        done = subprocess.run(
+            command,
+            capture_output=True,
+            text=True,
+            timeout=args.trial_timeout,
+            env=side_environment(side, args.pythonpath),
+        )
     except subprocess.TimeoutExpired:
         return {"fits": False, "error": f"no result within --trial-timeout {args.trial_timeout} s"}
     lines = [line for line in done.stdout.splitlines() if line.startswith(RESULT)]
     if done.returncode != 0 or not lines:
         tail = (done.stderr or done.stdout).strip().splitlines()[-3:]
-        return {"fits": False, "error": f"the trial exited with status {done.returncode}: " + " | ".join(tail)}
+        return {"fits": False, "error": f"{CRASHED} {done.returncode}: " + " | ".join(tail)}
     result = json.loads(lines[-1][len(RESULT) :])
     result["trial_s"] = time.perf_counter() - start
     return result
@@ -256,6 +274,26 @@ def _forwarded(args) -> list[str]:
         out.append("--dry-run")
     out += ["--unsloth-checkpoint", str(args.unsloth_checkpoint)]
     return out + list(args.overrides)
+
+
+def per_side(text: str, sides: list[str], default: int, option: str) -> dict[str, int]:
+    """``"N"`` or ``"side=N,...,N"`` as one length per side (a bare N: the sides not named; else ``default``)."""
+    values, rest = {}, default
+    for item in text.split(","):
+        side, _, value = item.rpartition("=")
+        if side and side not in sides:
+            raise ValueError(f"{option}: {side!r} is not one of the sides run ({', '.join(sides)})")
+        try:
+            length = int(value)
+        except ValueError:
+            raise ValueError(f"{option}: {value!r} is not a number of tokens") from None
+        if length <= 0:
+            raise ValueError(f"{option}: {length} is not a positive number of tokens")
+        if side:
+            values[side] = length
+        else:
+            rest = length
+    return {side: values.get(side, rest) for side in sides}
 
 
 def settings(args) -> dict:
@@ -275,7 +313,11 @@ def search(args) -> dict:
                 f"--resume: {args.json} was written with other settings: {earlier.get('settings')}, "
                 f"not {results['settings']}"
             )
-        results["trials"] = earlier["trials"]
+        # A trial that crashed (a library error, a host out of memory) measured nothing: it runs again.
+        results["trials"] = {
+            side: {seq: t for seq, t in trials.items() if not t.get("error", "").startswith(CRASHED)}
+            for side, trials in earlier["trials"].items()
+        }
 
     def save():
         if args.json:
@@ -296,7 +338,7 @@ def search(args) -> dict:
                 print(f"{side} seq {seq}: {_describe(trials[str(seq)])}", flush=True)
             return trials[str(seq)]["fits"]
 
-        longest = longest_fit(fits, args.step, args.start, args.max_seq)
+        longest = longest_fit(fits, args.step, args.start[side], args.max_seq[side])
         if 0 < args.speed_seq <= longest:
             fits(args.speed_seq)
         results["sides"][side] = {"longest": longest}
@@ -309,11 +351,13 @@ def prepare(side: str, args) -> str | None:
     if args.dry_run and side in PEERS:
         return "the dry run trains our sides only: the peers need CUDA"
     if side == "unsloth":
-        if importlib.util.find_spec("unsloth") is None:
-            return "the unsloth package is not installed (pip install unsloth)"
+        dirs = args.pythonpath.get(side, "").split(os.pathsep)
+        if importlib.util.find_spec("unsloth") is None and not any((Path(d) / "unsloth").is_dir() for d in dirs if d):
+            return "the unsloth package is not installed (pip install unsloth, or --pythonpath unsloth=DIR)"
         if not (Path(args.unsloth_checkpoint) / "complete").is_file():
             print(f"unsloth: writing a random {args.shape} checkpoint to {args.unsloth_checkpoint}", flush=True)
             command = [sys.executable, __file__, "--write-unsloth-checkpoint", *_forwarded(args)]
+            command += ["--max-seq", str(args.max_seq[side])]
             done = subprocess.run(command, capture_output=True, text=True)
             if done.returncode != 0:
                 return "writing its checkpoint failed: " + " | ".join(done.stderr.strip().splitlines()[-3:])
@@ -358,13 +402,20 @@ def main() -> None:
     )
     parser.add_argument("--cap-gb", type=float, help="cap each trial's GPU memory (GB)")
     parser.add_argument("--step", type=int, default=8192, help="the search's resolution in tokens")
-    parser.add_argument("--start", type=int, default=8192, help="the first length tried")
-    parser.add_argument("--max-seq", type=int, default=262144, help="the longest length tried")
+    parser.add_argument("--start", default="8192", help="the first length tried: N, or SIDE=N,... (see above)")
+    parser.add_argument("--max-seq", default="262144", help="the longest length tried: N, or SIDE=N,...")
     parser.add_argument("--speed-seq", type=int, default=65536, help="tokens/s of every side at this length (0: off)")
     parser.add_argument("--warmup", type=int, default=1, help="untimed steps of a trial")
     parser.add_argument("--steps", type=int, default=2, help="timed steps of a trial (tokens/s: their median)")
     parser.add_argument("--trial-timeout", type=int, default=1800, help="seconds before a trial counts as failed")
     parser.add_argument("--unsloth-checkpoint", type=Path, help="its random checkpoint (default: in the temp dir)")
+    parser.add_argument(
+        "--pythonpath",
+        action="append",
+        default=[],
+        metavar="SIDE=DIR",
+        help="put DIR first on SIDE's PYTHONPATH (repeatable), e.g. unsloth=.devwheels/unsloth",
+    )
     parser.add_argument("--json", help="write the trials here as they complete")
     parser.add_argument("--resume", action="store_true", help="reuse the trials in --json of an earlier run")
     parser.add_argument("--dry-run", action="store_true", help="the search on the CPU: tiny model, simulated cap")
@@ -386,13 +437,25 @@ def main() -> None:
     if args.shape not in SHAPES:
         parser.error(f"unknown --shape {args.shape}; known: {', '.join(SHAPES)}")
     if args.dry_run:
-        args.step, args.start, args.max_seq, args.speed_seq = 64, 64, 1024, 256
+        args.step, args.start, args.max_seq, args.speed_seq = 64, "64", "1024", 256
     args.sides = args.side.split(",")
     unknown = set(args.sides) - {*OURS, *PEERS}
     if unknown:
         parser.error(f"unknown --side {sorted(unknown)}; known: {', '.join([*OURS, *PEERS])}")
-    if min(args.step, args.start, args.max_seq) <= 0 or args.max_seq < args.step:
-        parser.error("--step, --start and --max-seq must be positive, and --max-seq at least --step")
+    bad = [p for p in args.pythonpath if p.partition("=")[0] not in {*OURS, *PEERS} or not p.partition("=")[2]]
+    if bad:
+        parser.error(f"--pythonpath takes SIDE=DIR with SIDE one of {', '.join([*OURS, *PEERS])}, got {bad}")
+    args.pythonpath = {
+        side: os.pathsep.join(str(Path(d).resolve()) for d in dirs.split(os.pathsep) if d)
+        for side, dirs in (p.partition("=")[::2] for p in args.pythonpath)
+    }
+    try:
+        args.start = per_side(args.start, args.sides, 8192, "--start")
+        args.max_seq = per_side(args.max_seq, args.sides, 262144, "--max-seq")
+    except ValueError as e:
+        parser.error(str(e))
+    if args.step <= 0 or min(args.max_seq.values()) < args.step:
+        parser.error("--step must be positive, and every --max-seq at least --step")
     if not args.dry_run:
         import torch
 

@@ -97,6 +97,21 @@ def test_longest_fit_search(limit, start):
     assert len(tried) == len(set(tried)) <= 12  # doubling and bisecting, no length twice
 
 
+def test_per_side_start_and_max_lengths():
+    per_side = bench_context().per_side
+    sides = ["ours-long", "stock", "unsloth"]
+    assert per_side("65536", sides, 8192, "--start") == dict.fromkeys(sides, 65536)
+    assert per_side("stock=8192,unsloth=65536", sides, 4096, "--start") == {
+        "ours-long": 4096,
+        "stock": 8192,
+        "unsloth": 65536,
+    }
+    assert per_side("stock=8192,131072", sides, 4096, "--start")["ours-long"] == 131072
+    for bad, message in [("liger=8192", "'liger' is not one of the sides"), ("stock=8k", "'8k' is not a number")]:
+        with pytest.raises(ValueError, match=message):
+            per_side(bad, sides, 8192, "--start")
+
+
 @pytest.mark.slow
 def test_dry_run_of_the_search(tmp_path):
     """The CPU dry run: trials in subprocesses, a simulated cap of 352 tokens, step 64."""
@@ -115,3 +130,15 @@ def test_dry_run_of_the_search(tmp_path):
     assert sorted(map(int, trials)) == [64, 128, 256, 320, 384, 512]
     assert all(t["fits"] == (int(seq) <= 320) for seq, t in trials.items())
     assert all(len(t["losses"]) == 3 for t in trials.values() if t["fits"])  # 3 optimizer steps
+
+    # --resume: the trials measured are reused, one that crashed (here: said to have) runs again.
+    results = json.loads(out.read_text())
+    results["trials"]["ours"]["320"] = {"fits": False, "error": "the trial exited with status 1: ImportError"}
+    results["trials"]["ours"]["64"]["tokens_per_s"] = -1.0  # a marker: reused, not measured again
+    out.write_text(json.dumps(results))
+    command = [sys.executable, str(REPO / "scripts/bench_context.py"), "--dry-run", "--side", "ours", "--json", out]
+    done = subprocess.run([*command, "--resume"], capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr
+    assert [line.split()[:2] for line in done.stdout.splitlines() if line.startswith("ours seq")] == [["ours", "seq"]]
+    trials = json.loads(out.read_text())["trials"]["ours"]
+    assert trials["320"]["fits"] and trials["64"]["tokens_per_s"] == -1.0
