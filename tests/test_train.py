@@ -14,10 +14,30 @@ from qlora_kit.config import load_recipe
 from qlora_kit.model.adapters import ADAPTER_WEIGHTS, add_lora, lora_modules, peft_config, save_adapter
 from qlora_kit.model.load import load_quantized
 from qlora_kit.modules.nf4_linear import NF4Linear
-from qlora_kit.pipelines.train import OutputDirError, last_complete_checkpoint, train
+from qlora_kit.pipelines.train import (
+    OutputDirError,
+    eval_batch_size,
+    last_complete_checkpoint,
+    train,
+    training_arguments,
+)
 from qlora_kit.quant.nf4 import dequantize_nf4_reference
 
 ROOT = Path(__file__).resolve().parent.parent
+
+
+@pytest.mark.parametrize(
+    "seq, batch, per_row, rows",
+    [(128, 8, 1, 32), (2048, 4, 1, 8), (8192, 4, 1, 4), (131072, 1, 1, 1), (128, 4, 2, 32), (1024, 2, 2, 8)],
+)
+def test_passes_without_gradients_take_up_to_32_rows_and_16384_tokens(tmp_path, seq, batch, per_row, rows):
+    """Validation (and DPO's reference pass) at long context: the training batch, not 32 rows of it."""
+    keys = [f"data.max_seq_len={seq}", f"training.batch_size={batch}", f"output.dir={tmp_path}"]
+    recipe = load_recipe(ROOT / "recipes" / "bench.yaml", keys)
+    assert eval_batch_size(recipe, per_row) == rows
+    if per_row == 1:
+        args = training_arguments(recipe, torch.device("cpu"), torch.float32, has_validation=True)
+        assert args.per_device_eval_batch_size == rows
 
 
 @pytest.mark.slow

@@ -48,6 +48,7 @@ from qlora_kit.pipelines.train import (
     RECIPE_FILE,
     _evaluated_test,
     _trainer_class,
+    eval_batch_size,
     evaluate,
     format_metrics,
     prepare_output_dir,
@@ -328,7 +329,7 @@ def train_preference(recipe: Recipe) -> dict:
             load_adapter_weights(lm, p.init_adapter)
         log.info("the adapter starts from %s", p.init_adapter)
     collator = preference_collator(tokenizer)
-    eval_batch = max(recipe.training.batch_size, 32)
+    eval_batch = eval_batch_size(recipe, sequences_per_row=2)
     reference = p.reference_adapter or "the base with the adapters off"
     if method == "dpo" and (p.precompute_reference or p.reference_adapter):
         log.info("reference: %s; its log-probabilities computed once, before training", reference)

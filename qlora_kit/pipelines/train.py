@@ -140,6 +140,20 @@ def prepare_output_dir(recipe: Recipe) -> Path | None:
     return None
 
 
+# A pass without gradients (validation, reference log-probabilities) takes up to this many rows, and
+# up to this many tokens at data.max_seq_len: it holds no activations for backward, but at long
+# context one row is all that fits.
+MAX_EVAL_ROWS = 32
+MAX_EVAL_TOKENS = 16384
+
+
+def eval_batch_size(recipe: Recipe, sequences_per_row: int = 1) -> int:
+    """Rows per batch of a pass without gradients: up to 32 rows and 16,384 tokens, never fewer than
+    training.batch_size. ``sequences_per_row``: 2 for preference pairs (chosen and rejected)."""
+    tokens_per_row = recipe.data.max_seq_len * sequences_per_row
+    return max(recipe.training.batch_size, min(MAX_EVAL_ROWS, MAX_EVAL_TOKENS // tokens_per_row))
+
+
 def training_steps(recipe: Recipe, rows: int, processes: int) -> int:
     """Optimizer steps of the run, as the Trainer counts them (for schedules built outside it)."""
     t = recipe.training
@@ -230,7 +244,7 @@ def training_arguments(
         num_train_epochs=t.epochs,
         max_steps=t.max_steps,
         per_device_train_batch_size=t.batch_size,
-        per_device_eval_batch_size=max(t.batch_size, 32),  # no gradients: larger batches fit
+        per_device_eval_batch_size=eval_batch_size(recipe),
         gradient_accumulation_steps=t.gradient_accumulation_steps,
         learning_rate=t.learning_rate,
         lr_scheduler_type=t.lr_scheduler,
