@@ -322,11 +322,15 @@ def load_recipe(path: str | Path, overrides: Sequence[str] = (), check_files: bo
         _check_keys(data, _DEFAULTS, "", locate)
         try:
             cfg = OmegaConf.merge(cfg, data)
-        except OmegaConfBaseException as e:  # a value of the wrong type
-            key = e.full_key or ""
-            raise RecipeError(f"{locate(key)}: invalid value for '{key}': {str(e).splitlines()[0]}") from None
-        origins.update({key: locate(key) for key in _leaf_keys(data, "")})
-        folders.update({key: folder for key in _leaf_keys(data, "")})
+        except (OmegaConfBaseException, TypeError) as e:  # a value of the wrong type (TypeError: a mapping for a list)
+            key = getattr(e, "full_key", None) or _rejected_key(cfg, data)
+            why = str(e).splitlines()[0]
+            if isinstance(e, TypeError):
+                why += " (a mapping where a list or a value belongs, or a list where a mapping does)"
+            raise RecipeError(f"{locate(key)}: invalid value for '{key}': {why}") from None
+        keys = [key for key, _ in _recipe_keys(data)]
+        origins.update({key: locate(key) for key in keys})
+        folders.update({key: folder for key in keys})
 
     def where(key: str) -> str:
         return origins.get(key, str(path))
@@ -478,6 +482,29 @@ def _closest_key(key: str) -> str | None:
     leaf = key.rpartition(".")[2]
     same_leaf = [k for k in valid if k.rpartition(".")[2] == leaf]
     return same_leaf[0] if same_leaf else None
+
+
+def _recipe_keys(data: dict, schema: dict = _DEFAULTS, prefix: str = "") -> Iterator[tuple[str, Any]]:
+    """The recipe keys a layer's nested dict sets, with their values (a mapping given as a key's value,
+    e.g. ``lora.target_modules={x: 1}``, is that key's value, not keys below it)."""
+    for name, value in data.items():
+        key, section = prefix + str(name), schema.get(str(name))
+        if isinstance(section, dict) and isinstance(value, dict):
+            yield from _recipe_keys(value, section, key + ".")
+        else:
+            yield key, value
+
+
+def _rejected_key(cfg, data: dict) -> str:
+    """The first key of ``data`` that does not merge into ``cfg`` on its own ("" if each does)."""
+    for key, value in _recipe_keys(data):
+        for part in reversed(key.split(".")):
+            value = {part: value}
+        try:
+            OmegaConf.merge(cfg, value)
+        except (OmegaConfBaseException, TypeError):
+            return key
+    return ""
 
 
 def _leaf_keys(data: dict, prefix: str, sections: bool = False) -> Iterator[str]:

@@ -143,6 +143,21 @@ def test_wrong_type_in_override(minimal):
     )
 
 
+def test_a_mapping_for_a_list_or_value_names_the_override_and_the_key(minimal, tmp_path):
+    """A mapping given for a key whose value is a list (or checked as one) is that key's error, from where it was set."""
+    assert error(minimal, ["lora.target_modules={x: 1}"]).startswith(
+        "command-line override `lora.target_modules={x: 1}`: invalid value {'x': 1} for 'lora.target_modules'"
+    )
+    listed = write(tmp_path / "pairs.yaml", f"extends: {minimal}\npreference:\n  loss_type: [sigmoid, sft]\n")
+    assert error(listed, ["preference.loss_type={a: 1}"]).startswith(
+        "command-line override `preference.loss_type={a: 1}`: invalid value for 'preference.loss_type': "
+    )
+    mapped = write(
+        tmp_path / "mapped.yaml", f"extends: {listed}\ntraining:\n  seed: 3\npreference:\n  loss_type: {{a: 1}}\n"
+    )
+    assert error(mapped).startswith(f"{mapped}:5: invalid value for 'preference.loss_type': ")
+
+
 def test_section_that_is_not_a_mapping(tmp_path):
     path = write(tmp_path / "r.yaml", "data: {train: t.jsonl}\nlora: 8\n")
     message = error(path)
