@@ -153,6 +153,7 @@ def test_backward_mode_keeps_the_forward_exact_and_runs_recompute_and_input_grad
     y.backward(g)
     assert len(calls) == 2  # the recompute's x and the input gradient's dy
     assert torch.equal(xi.grad, outs[1][1])
+    assert fp8._last_activation is None  # the recompute's copy of x does not outlive it into the backward
 
 
 def test_shapes_that_are_not_multiples_of_16_keep_the_full_precision_gemm():

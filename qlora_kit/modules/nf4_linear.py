@@ -28,6 +28,7 @@ def base_matmul(x: torch.Tensor, base: NF4Linear) -> torch.Tensor:
 def base_matmul_grad_input(grad_out: torch.Tensor, base: NF4Linear) -> torch.Tensor:
     """``grad_out @ W``: the gradient of :func:`base_matmul` to its input, the weight dequantized again."""
     if base.fp8:
+        fp8.release_activation()
         return fp8.linear_grad_input(grad_out, *base.fp8_weight(transposed=True))
     return grad_out @ base.dequantized_weight(grad_out.dtype)
 

@@ -88,6 +88,14 @@ def quantize_activation(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return q, s
 
 
+def release_activation() -> None:
+    """Drop the kept e4m3 copy. The backward pass calls it: its projections share no input, and a
+    checkpoint's recompute would otherwise leave its last copy (the down projection's input, the
+    largest) alive through the whole layer's backward."""
+    global _last_activation
+    _last_activation = None
+
+
 def weight_scale(t: NF4Tensor) -> torch.Tensor:
     """``s_W``: the fp32 0-d scale that maps max|W| (the largest block absmax) to 448."""
     return dequantize_absmax(t).amax().clamp(min=TINY) / E4M3_MAX
