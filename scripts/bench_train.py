@@ -34,6 +34,8 @@ matmul rate measured in the same run (in this process, before the sides run).
     python scripts/bench_train.py --side ours --json out.json data.max_seq_len=8192 training.batch_size=1
     python scripts/bench_train.py --side stock,ours,ours-qat,plain-path training.uncheckpointed_layers=8
     python scripts/bench_train.py --side ours,ours-fp8 --seeds 0,1,2 --same-batch --layers 4 --warmup 0 --steps 200
+    python scripts/bench_train.py --side ours-offload --steps 1 --warmup 1 --memory-snapshot /tmp/mem \
+        data.max_seq_len=131072 training.batch_size=1 training.mlp_chunk_tokens=auto   # what fills the peak
     python scripts/bench_train.py --dry-run --side stock,ours        # the plumbing, on the CPU, in seconds
 """
 
@@ -363,6 +365,14 @@ def run_side(side: str, config, args, device: torch.device) -> dict:
         table = prof.key_averages().table(sort_by="cuda_time_total", row_limit=40, max_name_column_width=70)
         with open(f"{args.profile}.{side}.txt", "w") as f:
             f.write(table)
+    if args.memory_snapshot:
+        torch.cuda.memory._record_memory_history(max_entries=1_000_000)
+        train_step(batches[-1])
+        _sync(device)
+        snapshot = torch.cuda.memory._snapshot()
+        torch.cuda.memory._record_memory_history(enabled=None)
+        with open(f"{args.memory_snapshot}.{side}.txt", "w") as f:
+            f.write(peak_report(snapshot))
     step = sorted(times)[len(times) // 2]
     return {
         "side": side,
@@ -509,6 +519,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "loss curves are compared seed to seed (bf16's run-to-run spread) and side to ours at the same seed",
     )
     parser.add_argument("--profile", help="write a torch.profiler table of one timed step to this file")
+    parser.add_argument(
+        "--memory-snapshot",
+        help="CUDA: record the allocator's history over one more step and write what is alive at its peak, "
+        "by the line that allocated it, to FILE.SIDE.txt",
+    )
     parser.add_argument("--json")
     parser.add_argument("--one-side", choices=SIDES, help=argparse.SUPPRESS)  # a side's own process
     parser.add_argument(
@@ -535,6 +550,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         parser.error(f"--seeds takes comma-separated integers, got {args.seeds!r}")
     if args.device == "cuda" and not torch.cuda.is_available():
         parser.error("no CUDA GPU here: --device cpu (or --dry-run) runs the plumbing on the CPU")
+    if args.memory_snapshot and args.device != "cuda":
+        parser.error("--memory-snapshot records the CUDA allocator: it needs --device cuda")
     return args
 
 
@@ -549,6 +566,8 @@ def child_argv(args) -> list[str]:
         argv.append("--same-batch")
     if args.profile:
         argv += ["--profile", args.profile]
+    if args.memory_snapshot:
+        argv += ["--memory-snapshot", args.memory_snapshot]
     return [*argv, *args.overrides]
 
 
@@ -585,6 +604,39 @@ def print_tables(results: dict, config) -> None:
     print_curve_differences(sides, measured)
     if "tokens_per_s" in sides.get("ours", {}) and "tokens_per_s" in sides.get("ours-qat", {}):
         print(f"QAT step-time overhead: {sides['ours-qat']['step_s'] / sides['ours']['step_s'] - 1:+.1%}")
+
+
+def peak_report(snapshot: dict, rows: int = 25) -> str:
+    """The blocks alive at the step's allocation peak, grouped by the line of our or transformers' code
+    that allocated them (from a ``torch.cuda.memory._snapshot()`` taken with history recorded)."""
+    live, current, peak, at_peak = {}, 0, 0, {}
+    for action in (a for trace in snapshot["device_traces"] for a in trace):
+        if action["action"] == "alloc":
+            live[action["addr"]] = action
+            current += action["size"]
+        elif action["action"] == "free_completed" and action["addr"] in live:
+            current -= live.pop(action["addr"])["size"]
+        else:
+            continue
+        if current > peak:
+            peak, at_peak = current, dict(live)
+
+    def origin(action: dict) -> str:
+        frames = [
+            f for f in action.get("frames", []) if "qlora_kit" in f["filename"] or "transformers" in f["filename"]
+        ]
+        f = frames[0] if frames else (action.get("frames") or [{"filename": "?", "line": 0, "name": "?"}])[0]
+        return f"{Path(f['filename']).name}:{f['line']} {f['name']}"
+
+    groups: dict[str, list[int]] = {}
+    for action in at_peak.values():
+        groups.setdefault(origin(action), []).append(action["size"])
+    lines = [
+        f"allocated during the step, at its peak: {peak / 2**30:.2f} GiB in {len(at_peak)} blocks (grouped by origin)"
+    ]
+    for name, sizes in sorted(groups.items(), key=lambda kv: -sum(kv[1]))[:rows]:
+        lines.append(f"{sum(sizes) / 2**30:8.3f} GiB {len(sizes):5d} blocks  {name}")
+    return "\n".join(lines) + "\n"
 
 
 def _curve_difference(a: list[float], b: list[float]) -> tuple[float, float]:

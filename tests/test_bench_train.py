@@ -54,3 +54,35 @@ def test_dry_run_runs_each_side_in_its_own_process(tmp_path):
     assert "unsloth" in sides["unsloth"]["skipped"]
     assert "tokens/s, row / column:" in proc.stdout
     assert "skipped: " in proc.stdout
+
+
+def test_memory_peak_report_lists_what_is_alive_at_the_peak_by_origin():
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("bench_train", REPO / "scripts" / "bench_train.py")
+    bench_train = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench_train)
+
+    def frames(path, line, name):
+        return [{"filename": "/usr/lib/python3/torch/autograd.py", "line": 9, "name": "apply"}] + [
+            {"filename": path, "line": line, "name": name}
+        ]
+
+    gib = 2**30
+    mlp, attn = (
+        frames("/x/qlora_kit/modules/tiled_mlp.py", 80, "forward"),
+        frames("/x/transformers/llama.py", 5, "attn"),
+    )
+    trace = [
+        {"action": "alloc", "addr": 1, "size": 2 * gib, "frames": mlp},
+        {"action": "alloc", "addr": 2, "size": gib, "frames": attn},
+        {"action": "alloc", "addr": 3, "size": gib, "frames": mlp},
+        {"action": "free_requested", "addr": 1, "size": 2 * gib},
+        {"action": "free_completed", "addr": 1, "size": 2 * gib},
+        {"action": "alloc", "addr": 4, "size": gib // 2, "frames": attn},  # 2.5 GiB now: below the 4 GiB peak
+        {"action": "free_completed", "addr": 99, "size": gib},  # allocated before the recording: not counted
+    ]
+    report = bench_train.peak_report({"device_traces": [trace]}).splitlines()
+    assert report[0].startswith("allocated during the step, at its peak: 4.00 GiB in 3 blocks")
+    assert report[1].split() == ["3.000", "GiB", "2", "blocks", "tiled_mlp.py:80", "forward"]
+    assert report[2].split() == ["1.000", "GiB", "1", "blocks", "llama.py:5", "attn"]
