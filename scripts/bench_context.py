@@ -15,8 +15,9 @@ bisects between the longest fit and the shortest failure on multiples of --step.
   ours-long-fp8: ours-long + the base GEMMs in e4m3 (training.fp8_base_matmul: true)
   ours-long-fp8-backward: ours-long + the backward pass's base GEMMs in e4m3 (training.fp8_base_matmul: backward)
   stock:   transformers + peft + bitsandbytes (scripts/bench_train.py's build_stock)
-  unsloth: unsloth.FastLanguageModel, 4-bit, use_gradient_checkpointing="unsloth", on a random
-      bf16 checkpoint of the shape written once (--unsloth-checkpoint); skipped when the package is missing
+  unsloth: scripts/bench_train.py's load_unsloth (FastLanguageModel, 4-bit, use_gradient_checkpointing="unsloth",
+      LoRA as recipes/bench.yaml says) on a random bf16 checkpoint of the shape written once
+      (--unsloth-checkpoint); skipped when the package is missing
 
     python scripts/bench_context.py --cap-gb 24 --side ours-long,unsloth,stock
     python scripts/bench_context.py --cap-gb 24 --side ours-long,unsloth,stock --start stock=8192,unsloth=65536,131072 \
@@ -29,8 +30,8 @@ bisects between the longest fit and the shortest failure on multiples of --step.
 others), so that each side's search starts near its answer.
 
 --json writes every trial as it completes; --resume reuses the trials of an earlier run with the
-same settings (those that crashed run again). A trial that crashes (a host out of memory, a library error) counts as not
-fitting and its error is printed.
+same settings (those that crashed run again). A trial that crashes (a host out of memory, a
+library error) counts as not fitting and its error is printed.
 """
 
 from __future__ import annotations
@@ -126,18 +127,19 @@ def model_config(args, seq: int):
 
 def build_side(side: str, seq: int, args, config, device):
     """(step_loss(ids), optimizer) of one side, its model on ``device``."""
-    if side == "unsloth":
-        return build_unsloth(args, seq)
     from bench_common import bench_recipe, build_ours, make_optimizer
 
     # The trial's length and batch come last: they are what the search varies.
     keys = [*OURS.get(side, []), *args.overrides, f"data.max_seq_len={seq}", "training.batch_size=1"]
     recipe = bench_recipe(keys)
-    if side == "stock":
+    if side in PEERS:
         import bitsandbytes as bnb
-        from bench_train import build_stock
+        from bench_train import build_stock, load_unsloth
 
-        model = build_stock(config, recipe, device)
+        if side == "stock":
+            model = build_stock(config, recipe, device)
+        else:  # on the random checkpoint written once for every trial
+            model = load_unsloth(Path(args.unsloth_checkpoint), recipe, seq)
         params = [p for p in model.parameters() if p.requires_grad]
         return (lambda ids: model(input_ids=ids, labels=ids).loss), bnb.optim.PagedAdamW8bit(params, lr=1e-4)
     built = build_ours(recipe, config, device=device, total_steps=args.warmup + args.steps)
@@ -147,34 +149,6 @@ def build_side(side: str, seq: int, args, config, device):
         return model(input_ids=ids, labels=ids)["loss"]
 
     return step_loss, make_optimizer(built, recipe)
-
-
-def build_unsloth(args, seq: int):
-    import bitsandbytes as bnb
-    import torch
-    from unsloth import FastLanguageModel  # run_trial imported it before transformers
-
-    model, _ = FastLanguageModel.from_pretrained(
-        model_name=str(args.unsloth_checkpoint),
-        max_seq_length=seq,
-        dtype=torch.bfloat16,
-        load_in_4bit=True,
-        fix_tokenizer=False,  # a stand-in tokenizer: nothing to fix
-    )
-    model = FastLanguageModel.get_peft_model(
-        model,
-        r=args.rank,
-        lora_alpha=2 * args.rank,
-        lora_dropout=0,
-        target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
-        bias="none",
-        use_gradient_checkpointing="unsloth",
-        random_state=0,
-        max_seq_length=seq,
-    )
-    model.train()
-    params = [p for p in model.parameters() if p.requires_grad]
-    return (lambda ids: model(input_ids=ids, labels=ids).loss), bnb.optim.PagedAdamW8bit(params, lr=1e-4)
 
 
 def run_trial(side: str, seq: int, args) -> dict:

@@ -251,7 +251,7 @@ def _checkpoint_dir(config) -> Path:
 
 def build_unsloth(config, recipe, device: torch.device, seq: int):
     try:
-        from unsloth import FastLanguageModel  # imported first: main() imports it before transformers
+        import unsloth  # noqa: F401  (whether it imports; one_side imported it before transformers)
     except Exception as e:  # missing, or no GPU, or versions it refuses: its own message says which
         raise SideSkipped(f"unsloth does not import ({type(e).__name__}: {str(e).splitlines()[0]})") from e
     path = _checkpoint_dir(config)
@@ -260,15 +260,23 @@ def build_unsloth(config, recipe, device: torch.device, seq: int):
         if device.type == "cuda":
             torch.cuda.empty_cache()
             torch.cuda.reset_peak_memory_stats()  # the checkpoint's writing is not the side's memory
-        model, _ = FastLanguageModel.from_pretrained(
-            model_name=str(path),
-            max_seq_length=seq,
-            dtype=torch.bfloat16,
-            load_in_4bit=True,
-            fix_tokenizer=False,  # a stand-in tokenizer: nothing to fix
-        )
+        return load_unsloth(path, recipe, seq)
     finally:
         shutil.rmtree(path, ignore_errors=True)
+
+
+def load_unsloth(path: Path, recipe, seq: int):
+    """Unsloth's 4-bit model of the checkpoint at ``path`` with LoRA as ``recipe`` says, in training mode
+    (``use_gradient_checkpointing="unsloth"``); the caller has imported unsloth before transformers."""
+    from unsloth import FastLanguageModel
+
+    model, _ = FastLanguageModel.from_pretrained(
+        model_name=str(path),
+        max_seq_length=seq,
+        dtype=torch.bfloat16,
+        load_in_4bit=True,
+        fix_tokenizer=False,  # a stand-in tokenizer: nothing to fix
+    )
     lora = recipe.lora
     model = FastLanguageModel.get_peft_model(
         model,
