@@ -13,6 +13,8 @@ constraints.txt pins the exact versions CI runs.
 | ``LayerWiseDummyOptimizer`` for optimizers stepped inside backward | transformers.trainer_pt_utils | pipelines/optim.py |
 | the 8-bit optimizers' per-tensor step pieces | bitsandbytes Optimizer8bit | pipelines/optim.py |
 | the module global ``apply_rotary_pos_emb`` the attention forward calls | transformers modeling_<family> | model/fused.py |
+| the ``"sdpa"`` entry of the attention functions the attention forward looks up | transformers ALL_ATTENTION_FUNCTIONS | model/offload.py |
+| the flash attention kernels and their backward, ``aten._scaled_dot_product_flash_attention*`` | torch | modules/flash_attention.py |
 | the GGUF name map and tensor processors | transformers.modeling_gguf_pytorch_utils | model/sources.py |
 | DPOTrainer's loss step and the trainer attributes it reads; ORPOTrainer's odds-ratio loss | trl | pipelines/preference.py |
 | the autotuner's chosen config; a compiled kernel's launch | triton Autotuner, CompiledKernel | kernels/nf4.py |
@@ -71,6 +73,13 @@ def mark_prepared(model: nn.Module) -> None:
     model._is_accelerate_prepared = True
 
 
+def checkpointed_layers(model: nn.Module) -> list[nn.Module]:
+    """The decoder layers of ``model`` that gradient checkpointing recomputes (not the model holding them)."""
+    from transformers.modeling_layers import GradientCheckpointingLayer
+
+    return [m for m in model.modules() if isinstance(m, GradientCheckpointingLayer) and m.gradient_checkpointing]
+
+
 def set_checkpoint_function(layer: nn.Module, checkpoint: Callable) -> None:
     """Replace the function a checkpointed decoder layer recomputes through: ``checkpoint(run, *inputs)``."""
     if not hasattr(layer, "_gradient_checkpointing_func"):
@@ -79,6 +88,20 @@ def set_checkpoint_function(layer: nn.Module, checkpoint: Callable) -> None:
             "or this transformers version checkpoints layers differently"
         )
     layer._gradient_checkpointing_func = checkpoint
+
+
+def sdpa_attention_function() -> Callable:
+    """transformers' ``"sdpa"`` attention function, as the attention forwards look it up now."""
+    from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+
+    return ALL_ATTENTION_FUNCTIONS["sdpa"]
+
+
+def set_sdpa_attention_function(fn: Callable) -> None:
+    """Make ``fn`` the ``"sdpa"`` attention function every transformers attention forward calls."""
+    from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+
+    ALL_ATTENTION_FUNCTIONS["sdpa"] = fn
 
 
 def layerwise_dummy_optimizer(optimizer_dict: dict, lr: float) -> torch.optim.Optimizer:

@@ -125,6 +125,9 @@ class TrainingSection:
     # Memory levers for models near the GPU's size (see qlora_kit/model/offload.py, pipelines/optim.py).
     optimizer_in_backward: bool = False
     offload_activations: bool = False
+    # false (with offload_activations): the attention output and logsumexp are kept in CPU memory with the
+    # checkpoint and the recompute skips attention (qlora_kit/modules/flash_attention.py): long context.
+    recompute_attention: bool = True
     offload_embeddings: bool = False
     # With optimizer_in_backward: LoRA weights in CPU memory, on the GPU (bf16) only while their layer runs.
     offload_adapters: bool = False
@@ -547,6 +550,17 @@ def _validate(recipe: Recipe, where: Callable[[str], str]) -> None:
         raise RecipeError(
             f"{where('training.offload_activations')}: training.offload_activations offloads the "
             "checkpoints of gradient checkpointing: set training.gradient_checkpointing=true"
+        )
+    if not t.recompute_attention and not t.offload_activations:
+        raise RecipeError(
+            f"{where('training.recompute_attention')}: training.recompute_attention=false keeps the attention "
+            "output with the offloaded checkpoint: set training.offload_activations=true"
+        )
+    if not t.recompute_attention and t.fp8_base_matmul == "backward":
+        raise RecipeError(
+            f"{where('training.recompute_attention')}: training.recompute_attention=false reuses the forward's "
+            "attention output with the recomputed q, k and v, which fp8_base_matmul=backward recomputes in e4m3, "
+            "not as the forward computed them: set one of them back"
         )
     if recipe.qat.enabled and recipe.lora.dropout > 0:
         raise RecipeError(

@@ -12,6 +12,8 @@ bisects between the longest fit and the shortest failure on multiples of --step.
   ours, ours-offload, ...: recipes/bench.yaml + the side's keys + the command line's key=value
       overrides (which win), built by qlora_kit.pipelines.builder.build_training_model
   ours-long: + offloaded checkpoints and embeddings, and the tiled MLP (training.mlp_chunk_tokens=auto)
+  ours-long-attn: ours-long + the attention output kept with the checkpoint, not recomputed
+      (training.recompute_attention: false; as much CPU memory again as the checkpoints)
   ours-long-fp8: ours-long + the base GEMMs in e4m3 (training.fp8_base_matmul: true)
   ours-long-fp8-backward: ours-long + the backward pass's base GEMMs in e4m3 (training.fp8_base_matmul: backward)
   stock:   transformers + peft + bitsandbytes (scripts/bench_train.py's build_stock)
@@ -58,6 +60,7 @@ OURS = {
         "training.mlp_chunk_tokens=auto",
     ],
 }
+OURS["ours-long-attn"] = [*OURS["ours-long"], "training.recompute_attention=false"]
 OURS["ours-long-fp8"] = [*OURS["ours-long"], "training.fp8_base_matmul=true"]
 OURS["ours-long-fp8-backward"] = [*OURS["ours-long"], "training.fp8_base_matmul=backward"]
 PEERS = ("stock", "unsloth")

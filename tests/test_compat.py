@@ -65,6 +65,10 @@ def test_gradient_checkpointing_sets_a_per_layer_function(tiny_model_dir):
     model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     layer = model.model.layers[0]
     assert callable(layer._gradient_checkpointing_func) and layer.gradient_checkpointing
+    assert compat.checkpointed_layers(model) == list(model.model.layers)  # not the LlamaModel holding them
+    model.model.layers[1].gradient_checkpointing = False
+    assert compat.checkpointed_layers(model) == [layer]
+    model.model.layers[1].gradient_checkpointing = True
     calls = []
 
     def checkpoint(run, *inputs):
@@ -110,6 +114,39 @@ def test_attention_forward_calls_the_rotary_global(model_type):
     assert compat.ROTARY_GLOBAL in forward.__code__.co_names
     assert forward.__globals__ is vars(modeling)
     assert list(inspect.signature(getattr(original, "original", original)).parameters)[:4] == ["q", "k", "cos", "sin"]
+
+
+@pytest.mark.parametrize("model_type", sorted(FAMILIES))
+def test_attention_forward_looks_up_the_sdpa_function_when_called(model_type):
+    modeling = importlib.import_module(f"transformers.models.{model_type}.modeling_{model_type}")
+    from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+
+    forward = inspect.unwrap(getattr(modeling, f"{FAMILIES[model_type]}Attention").forward)
+    assert "ALL_ATTENTION_FUNCTIONS" in forward.__code__.co_names
+    assert forward.__globals__["ALL_ATTENTION_FUNCTIONS"] is ALL_ATTENTION_FUNCTIONS
+    original = compat.sdpa_attention_function()
+    params = list(inspect.signature(getattr(original, "original", original)).parameters)
+    assert params[:7] == ["module", "query", "key", "value", "attention_mask", "dropout", "scaling"]
+
+
+def test_flash_attention_ops_have_the_schemas_we_call():
+    def arguments(op):
+        return [a.name for a in op.default._schema.arguments]
+
+    aten = torch.ops.aten
+    assert arguments(aten._scaled_dot_product_flash_attention) == [
+        "query", "key", "value", "dropout_p", "is_causal", "return_debug_mask", "scale"
+    ]  # fmt: skip
+    assert arguments(aten._scaled_dot_product_flash_attention_backward) == [
+        "grad_out", "query", "key", "value", "out", "logsumexp", "cum_seq_q", "cum_seq_k", "max_q", "max_k",
+        "dropout_p", "is_causal", "philox_seed", "philox_offset", "scale",
+    ]  # fmt: skip
+    assert arguments(aten._scaled_dot_product_flash_attention_for_cpu)[:5] == [
+        "query", "key", "value", "dropout_p", "is_causal"
+    ]  # fmt: skip
+    assert arguments(aten._scaled_dot_product_flash_attention_for_cpu_backward)[:8] == [
+        "grad_out", "query", "key", "value", "out", "logsumexp", "dropout_p", "is_causal"
+    ]  # fmt: skip
 
 
 def test_rotary_function_names_a_missing_global():

@@ -137,34 +137,66 @@ def test_fp8_lora_layer_on_gpu_matches_float64_of_its_operands():
     assert (x.grad.double() - grad_ref).norm() / grad_ref.norm() < 4e-3
 
 
+def _two_steps(config, ids, overrides: list[str]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """recipes/bench.yaml + overrides on a random model of ``config``: two steps (the second reuses the
+    pinned buffers and the copy streams); the last loss and the LoRA gradients."""
+    from qlora_kit.config import load_recipe
+    from qlora_kit.pipelines.builder import build_training_model
+
+    recipe = load_recipe(Path(__file__).resolve().parent.parent / "recipes" / "bench.yaml", overrides)
+    model = build_training_model(recipe, "cuda", random_config=config, progress=False).model.train()
+    for _ in range(2):
+        model.zero_grad(set_to_none=True)
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            loss = model(input_ids=ids, labels=ids)["loss"]
+        loss.backward()
+    return loss.detach(), {n: p.grad.float() for n, p in model.named_parameters() if p.requires_grad}
+
+
 def test_offloaded_checkpoints_on_copy_streams_give_the_same_gradients():
     """Checkpoint inputs go to CPU memory and come back on their own streams: same loss and LoRA gradients."""
     from transformers import LlamaConfig
-
-    from qlora_kit.config import load_recipe
-    from qlora_kit.pipelines.builder import build_training_model
 
     config = LlamaConfig(
         hidden_size=256, intermediate_size=512, num_hidden_layers=6, num_attention_heads=4, vocab_size=512
     )
     ids = torch.randint(0, 512, (2, 256), device="cuda", generator=torch.Generator("cuda").manual_seed(0))
-    results = []
-    for offload in ("false", "true"):
-        recipe = load_recipe(
-            Path(__file__).resolve().parent.parent / "recipes" / "bench.yaml",
-            [f"training.offload_activations={offload}", "training.fused_kernels=true"],
-        )
-        built = build_training_model(recipe, "cuda", random_config=config, progress=False)
-        model = built.model.train()
-        for _ in range(2):  # twice: the second step reuses the pinned buffers and the streams
-            model.zero_grad(set_to_none=True)
-            with torch.autocast("cuda", dtype=torch.bfloat16):
-                loss = model(input_ids=ids, labels=ids)["loss"]
-            loss.backward()
-        grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
-        results.append((loss.detach(), grads))
-    (loss_a, grads_a), (loss_b, grads_b) = results
+    loss_a, grads_a = _two_steps(config, ids, ["training.offload_activations=false", "training.fused_kernels=true"])
+    loss_b, grads_b = _two_steps(config, ids, ["training.offload_activations=true", "training.fused_kernels=true"])
     assert torch.equal(loss_a, loss_b)
     assert grads_a.keys() == grads_b.keys() and len(grads_a) == 6 * 7 * 2
     for name in grads_a:
         assert torch.equal(grads_a[name], grads_b[name]), name
+
+
+def test_kept_attention_gives_the_recomputed_gradients(monkeypatch):
+    """recompute_attention=false on CUDA, sdpa held to the flash kernel (the one the kept path takes: on Hopper
+    sdpa would pick cuDNN and the lever would step aside): the loss and LoRA gradients of the recomputing run."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+    from transformers import LlamaConfig
+
+    from qlora_kit.model import offload
+
+    kept_calls = []
+    flash = offload.flash_forward
+    monkeypatch.setattr(offload, "flash_forward", lambda *a: kept_calls.append(1) or flash(*a))
+    config = LlamaConfig(
+        hidden_size=512,
+        intermediate_size=1024,
+        num_hidden_layers=4,
+        num_attention_heads=8,
+        num_key_value_heads=2,
+        vocab_size=512,
+    )
+    ids = torch.randint(0, 512, (2, 1024), device="cuda", generator=torch.Generator("cuda").manual_seed(0))
+    offloaded = ["training.offload_activations=true"]
+    with sdpa_kernel(SDPBackend.FLASH_ATTENTION):
+        loss_a, grads_a = _two_steps(config, ids, [*offloaded, "training.recompute_attention=true"])
+        loss_b, grads_b = _two_steps(config, ids, [*offloaded, "training.recompute_attention=false"])
+    assert len(kept_calls) == 2 * 4  # the kept run's two forwards, 4 layers each
+    assert torch.equal(loss_a, loss_b)  # the same kernel in the forward
+    assert grads_a.keys() == grads_b.keys() and len(grads_a) == 4 * 7 * 2
+    for name in grads_a:
+        # The same flash backward of the same O and L: equal up to its atomic adds' order.
+        err = (grads_a[name] - grads_b[name]).norm() / grads_a[name].norm().clamp_min(1e-30)
+        assert err < 1e-2, (name, err.item())

@@ -3,6 +3,8 @@
 - attention: with sdpa and no padding, torch's sdpa gets no [seq x seq] mask and is_causal=True,
   so CUDA can run its flash / memory-efficient kernels (memory linear in the sequence);
 - the frozen input embedding gets no [vocab x hidden] gradient;
+- with training.recompute_attention=false the recompute takes the forward's attention output
+  (flash backward from kept O and logsumexp): the same gradients, attention run once fewer;
 - the longest-fit search finds the longest multiple of the step that fits, whatever the start.
 """
 
@@ -53,6 +55,100 @@ def test_sdpa_gets_no_mask_for_an_unpadded_batch(tmp_path, tiny_model_dir, task_
     built.model(input_ids=ids, labels=ids, **kwargs)["loss"].backward()
     assert len(calls) == 2 * 2  # 2 layers, forward and the checkpoint's recomputation
     assert all(attn_mask is None and is_causal for attn_mask, is_causal in calls)
+
+
+def _causal_attention_float64(q, k, v, scale):
+    """softmax(q k^T * scale + causal mask) v, kv heads repeated for their query heads: [b, s, h, d]."""
+    groups = q.shape[1] // k.shape[1]
+    k, v = k.repeat_interleave(groups, 1), v.repeat_interleave(groups, 1)
+    scores = (q @ k.transpose(-1, -2)) * scale
+    seq = q.shape[2]
+    scores = scores.masked_fill(torch.ones(seq, seq, dtype=torch.bool).triu(1), float("-inf"))
+    return (scores.softmax(-1) @ v).transpose(1, 2)
+
+
+@pytest.mark.parametrize("heads,kv_heads,seq", [(4, 4, 33), (4, 2, 64), (6, 1, 17)])
+def test_attention_from_kept_output_matches_float64(heads, kv_heads, seq):
+    from qlora_kit.modules.flash_attention import AttentionFromKept, flash_forward
+
+    gen = torch.Generator().manual_seed(seq)
+    q, k, v = (torch.randn(2, h, seq, 16, generator=gen) for h in (heads, kv_heads, kv_heads))
+    q, k, v = (t.requires_grad_() for t in (q, k, v))
+    with torch.no_grad():
+        out, lse, state = flash_forward(q, k, v, 0.3)
+    y = AttentionFromKept.apply(q, k, v, out, lse, state, 0.3)
+    grad = torch.randn(y.shape, generator=gen)
+    y.backward(grad)
+    q64, k64, v64 = (t.detach().double().requires_grad_() for t in (q, k, v))
+    ref = _causal_attention_float64(q64, k64, v64, 0.3)
+    ref.backward(grad.double())
+    assert y.shape == (2, seq, heads, 16)
+    torch.testing.assert_close(y.double(), ref, atol=2e-6, rtol=1e-5)
+    for ours, theirs in ((q, q64), (k, k64), (v, v64)):
+        torch.testing.assert_close(ours.grad.double(), theirs.grad, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("padded", [False, True])
+def test_kept_attention_gives_the_same_gradients_without_recomputing_it(
+    tmp_path, tiny_model_dir, task_files, make_recipe, monkeypatch, padded
+):
+    """recompute_attention=false: the loss and LoRA gradients of the recomputing checkpoint, and no
+    attention in the recompute; a padded batch (a mask: not the flash kernel's) recomputes as before."""
+    from qlora_kit.model import offload
+
+    calls = {"sdpa": 0, "flash": 0}
+    sdpa, flash = torch.nn.functional.scaled_dot_product_attention, offload.flash_forward
+
+    def counted(name, fn):
+        def call(*args, **kwargs):
+            calls[name] += 1
+            return fn(*args, **kwargs)
+
+        return call
+
+    monkeypatch.setattr(torch.nn.functional, "scaled_dot_product_attention", counted("sdpa", sdpa))
+    monkeypatch.setattr(offload, "flash_forward", counted("flash", flash))
+    ids = torch.randint(0, 1000, (2, 40), generator=torch.Generator().manual_seed(0))
+    mask = torch.ones_like(ids)
+    if padded:
+        mask[1, 30:] = 0
+    results = {}
+    for recompute in ("true", "false"):
+        built = built_model(
+            tmp_path / recompute,
+            tiny_model_dir,
+            task_files,
+            make_recipe,
+            "training.offload_activations=true",
+            f"training.recompute_attention={recompute}",
+        )
+        calls.update(sdpa=0, flash=0)
+        loss = built.model(input_ids=ids, labels=ids, attention_mask=mask)["loss"]
+        loss.backward()
+        results[recompute] = (
+            dict(calls),
+            loss.detach(),
+            {n: p.grad for n, p in built.lm.named_parameters() if p.grad is not None},
+        )
+    (calls_r, loss_r, grads_r), (calls_k, loss_k, grads_k) = results["true"], results["false"]
+    assert calls_r == {"sdpa": 2 * 2, "flash": 0}  # 2 layers: forward and recompute
+    assert calls_k == ({"sdpa": 2 * 2, "flash": 0} if padded else {"sdpa": 0, "flash": 2})  # forward only
+    torch.testing.assert_close(loss_k, loss_r, atol=0, rtol=0)
+    assert grads_r.keys() == grads_k.keys() and len(grads_r) == 2 * 7 * 2
+    for name in grads_r:
+        torch.testing.assert_close(grads_k[name], grads_r[name], atol=1e-6, rtol=1e-5, msg=name)
+
+
+def test_recompute_attention_recipe_errors(tmp_path, tiny_model_dir, task_files, make_recipe):
+    from qlora_kit.config import RecipeError
+
+    with pytest.raises(RecipeError, match="training.recompute_attention.*offload_activations=true"):
+        make_recipe(tmp_path / "a", tiny_model_dir, task_files, "training.recompute_attention=false")
+    keep = ["training.offload_activations=true", "training.recompute_attention=false"]
+    with pytest.raises(RecipeError, match="fp8_base_matmul=backward"):
+        make_recipe(tmp_path / "b", tiny_model_dir, task_files, *keep, "training.fp8_base_matmul=backward")
+    with pytest.raises(RecipeError, match="training.recompute_attention: .*sdpa attention, not 'eager'"):
+        built_model(tmp_path / "c", tiny_model_dir, task_files, make_recipe, *keep, "model.attn_implementation=eager")
 
 
 class _Ops(TorchDispatchMode):

@@ -183,3 +183,82 @@ def test_offload_adapters_train(tmp_path, untied_model_dir, task_files, make_rec
     # The offloaded run's matmuls use the bf16 high halves: close to the fp32 run, not equal.
     for key in a:
         assert torch.allclose(a[key], b[key], atol=0.05), key
+
+
+@pytest.mark.parametrize("numel,itemsize", [(1, 2), (1000, 2), (2**25, 2), (344064 * 4096, 2), (3 * 2**27 + 5, 4)])
+def test_offloaded_pieces_are_powers_of_two_of_the_tensor_size(numel, itemsize):
+    """torch's caching host allocator rounds blocks up to a power of two: the pieces waste under 64 MiB a tensor."""
+    from qlora_kit.model.offload import _PIECE_MIN_BYTES, _piece_lengths
+
+    lengths = _piece_lengths(numel, itemsize)
+    assert sum(lengths) == numel
+    sizes = [n * itemsize for n in lengths]
+    assert sizes == sorted(sizes, reverse=True)
+    pinned = sum(1 << (size - 1).bit_length() for size in sizes)  # what the allocator reserves
+    assert pinned - numel * itemsize < _PIECE_MIN_BYTES
+    assert all(size & (size - 1) == 0 for size in sizes[:-1])
+
+
+def test_offloaded_tensor_comes_back_from_several_pieces(monkeypatch):
+    from qlora_kit.model import offload
+
+    monkeypatch.setattr(offload, "_PIECE_MIN_BYTES", 64)
+    t = torch.randn(3, 37, 11, dtype=torch.bfloat16)
+    held = offload._Offloaded(t)
+    assert len(held.cpu) > 3 and sum(p.numel() for p in held.cpu) == t.numel()
+    t_before = t.clone()
+    t.zero_()  # the copy is the offloaded one, not a view of the input
+    assert torch.equal(held.take(), t_before)
+
+
+@pytest.mark.parametrize("keep", [False, True])
+def test_checkpoint_host_bytes_is_what_a_step_offloads(
+    tmp_path, untied_model_dir, task_files, make_recipe, monkeypatch, keep
+):
+    from qlora_kit.model import offload
+    from qlora_kit.model.sources import resolve_source
+    from qlora_kit.pipelines.builder import build_training_model
+
+    recipe = make_recipe(
+        tmp_path,
+        untied_model_dir,
+        task_files,
+        "training.offload_activations=true",
+        f"training.recompute_attention={str(not keep).lower()}",
+    )
+    built = build_training_model(recipe, "cpu", source=resolve_source(str(untied_model_dir)), progress=False)
+    offloaded = []
+    init = offload._Offloaded.__init__
+
+    def counted(self, hidden, queued=True):
+        offloaded.append(hidden.numel() * hidden.element_size())
+        init(self, hidden, queued)
+
+    monkeypatch.setattr(offload._Offloaded, "__init__", counted)
+    ids = torch.randint(0, 1000, (3, 50))
+    built.model.train()(input_ids=ids, labels=ids)["loss"].backward()
+    expected = offload.checkpoint_host_bytes(built.lm.config, 2, 3 * 50, torch.float32, keep_attention=keep)
+    assert sum(offloaded) == expected and len(offloaded) == (3 if keep else 1) * 2
+
+
+def test_offloaded_checkpoints_beyond_the_host_memory_are_a_recipe_error(
+    tmp_path, untied_model_dir, task_files, make_recipe, monkeypatch
+):
+    from qlora_kit.model import offload
+    from qlora_kit.model.sources import resolve_source
+    from qlora_kit.pipelines import builder
+
+    monkeypatch.setattr(builder, "host_memory_available", lambda: 10**5)
+    # 2 layers x 8 rows x 64 tokens x 64 hidden x 4 bytes (fp32 on the CPU) = 262,144 bytes
+    for keep, message in [("true", r"of 2 layers need 0\.000262 GB .*max_seq_len=64 x training\.batch_size=8.* 0\.0001 GB av"),
+                          ("false", "recompute_attention=true")]:  # fmt: skip
+        recipe = make_recipe(
+            tmp_path / keep,
+            untied_model_dir,
+            task_files,
+            "training.offload_activations=true",
+            f"training.recompute_attention={keep}",
+        )
+        with pytest.raises(RecipeError, match=message):
+            builder.build_training_model(recipe, "cpu", source=resolve_source(str(untied_model_dir)), progress=False)
+    assert offload.host_memory_available() > 10**8  # this machine's /proc/meminfo

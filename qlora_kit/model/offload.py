@@ -7,16 +7,34 @@ after the forward of each layer and back before its recomputation, on copy strea
 their own that overlap the transfers with the compute. The input embedding
 table is only read by index, so :func:`offload_embeddings` keeps it in CPU memory and
 sends the looked-up rows to the GPU.
+
+With ``keep_attention``, a checkpointed layer's forward also keeps its attention output and
+logsumexp in CPU memory, and the recompute in backward takes them instead of running the
+attention forward again (:mod:`qlora_kit.modules.flash_attention`): the quadratic kernel runs
+twice per step instead of three times. transformers' ``"sdpa"`` attention function is replaced,
+once per process, by a dispatcher that does this only inside such a checkpoint (and only for
+unmasked causal attention without dropout) and calls the original otherwise.
 """
 
 from __future__ import annotations
 
+import functools
+import logging
 import weakref
+from contextvars import ContextVar
 
 import torch
 from torch import nn
 
-from qlora_kit.compat import set_checkpoint_function
+from qlora_kit.compat import (
+    checkpointed_layers,
+    sdpa_attention_function,
+    set_checkpoint_function,
+    set_sdpa_attention_function,
+)
+from qlora_kit.modules.flash_attention import AttentionFromKept, flash_forward, sdpa_kernel, supported
+
+log = logging.getLogger(__name__)
 
 
 class _Transfers:
@@ -49,25 +67,54 @@ class _Transfers:
 _transfers: dict[torch.device, _Transfers] = {}
 
 
-class _Offloaded:
-    """One layer input in pinned CPU memory: written on the d2h stream, read back on the h2d stream (CUDA)."""
+# The smallest pinned piece an offloaded tensor is split into (see _piece_lengths).
+_PIECE_MIN_BYTES = 1 << 26
 
-    def __init__(self, hidden: torch.Tensor) -> None:
-        self.device = hidden.device
-        self.cpu = torch.empty(hidden.shape, dtype=hidden.dtype, pin_memory=hidden.is_cuda)
+
+def _piece_lengths(numel: int, itemsize: int) -> list[int]:
+    """Element counts of the pinned pieces holding one offloaded tensor: power-of-two byte sizes, largest first,
+    the last under 64 MiB. torch's caching host allocator rounds every block up to a power of two, so one
+    block for a 2.8 GB checkpoint (344,064 tokens of an 8B model) would pin 4.3 GB: 137 GB for 32 layers."""
+    lengths, left = [], numel * itemsize
+    while left > 0:
+        piece = 1 << (left.bit_length() - 1)
+        if piece < _PIECE_MIN_BYTES:
+            piece = left
+        lengths.append(piece // itemsize)
+        left -= piece
+    return lengths
+
+
+class _Offloaded:
+    """One tensor in pinned CPU memory: written on the d2h stream, read back on the h2d stream (CUDA).
+
+    Held as a few pieces (:func:`_piece_lengths`) so the pinned memory is about the tensor's size.
+    A layer input is ``queued``: taking it starts the copy back of the layer input before it
+    (in forward order). A kept attention output is not: its layer's backward fetches it.
+    """
+
+    def __init__(self, hidden: torch.Tensor, queued: bool = True) -> None:
+        self.device, self.queued = hidden.device, queued
+        self.shape, self.dtype = hidden.shape, hidden.dtype
+        self.lengths = _piece_lengths(hidden.numel(), hidden.element_size())
+        self.cpu = [torch.empty(n, dtype=hidden.dtype, pin_memory=hidden.is_cuda) for n in self.lengths]
         self.gpu: torch.Tensor | None = None
+        parts = hidden.reshape(-1).split(self.lengths)
         if not hidden.is_cuda:
-            self.cpu.copy_(hidden)
+            for piece, part in zip(self.cpu, parts):
+                piece.copy_(part)
             return
         streams = _transfers.setdefault(hidden.device, _Transfers(hidden.device))
         streams.d2h.wait_stream(torch.cuda.current_stream(hidden.device))
         with torch.cuda.stream(streams.d2h):
-            self.cpu.copy_(hidden, non_blocking=True)
+            for piece, part in zip(self.cpu, parts):
+                piece.copy_(part, non_blocking=True)
             self.on_cpu = torch.cuda.Event()
             self.on_cpu.record()
         # The compute stream must not reuse hidden's memory before the copy has read it.
         hidden.record_stream(streams.d2h)
-        streams.pending.append(weakref.ref(self))
+        if queued:
+            streams.pending.append(weakref.ref(self))
 
     def prefetch(self) -> None:
         """Start the copy back to the GPU (CUDA only; at most once)."""
@@ -76,26 +123,28 @@ class _Offloaded:
         streams = _transfers[self.device]
         # Allocated on the compute stream, which waits for the copy before it reads the tensor. The
         # block may have been freed by compute work still queued: the copy waits for that work too.
-        self.gpu = torch.empty(self.cpu.shape, dtype=self.cpu.dtype, device=self.device)
+        self.gpu = torch.empty(self.shape, dtype=self.dtype, device=self.device)
         streams.h2d.wait_stream(torch.cuda.current_stream(self.device))
         streams.h2d.wait_event(self.on_cpu)
         with torch.cuda.stream(streams.h2d):
-            self.gpu.copy_(self.cpu, non_blocking=True)
+            for part, piece in zip(self.gpu.view(-1).split(self.lengths), self.cpu):
+                part.copy_(piece, non_blocking=True)
             self.on_gpu = torch.cuda.Event()
             self.on_gpu.record()
 
     def take(self) -> torch.Tensor:
-        """The input on its device, for the recomputation; the CPU copy is handed back to the host cache."""
+        """The tensor on its device, for the recomputation; the CPU copy is handed back to the host cache."""
         if self.device.type != "cuda":
-            hidden = self.cpu.to(self.device)
+            hidden = torch.cat(self.cpu).view(self.shape).to(self.device)
         else:
             streams = _transfers[self.device]
-            streams.remove(self)
+            if self.queued:
+                streams.remove(self)
             self.prefetch()
             torch.cuda.current_stream(self.device).wait_event(self.on_gpu)
             hidden = self.gpu
             # The next layer back starts coming over while this one recomputes and backpropagates.
-            following = streams.newest()
+            following = streams.newest() if self.queued else None
             if following is not None:
                 following.prefetch()
         # Freed now, not when the graph is: the next step's forward reuses the pinned buffer
@@ -104,40 +153,129 @@ class _Offloaded:
         return hidden
 
 
+class _KeptAttention:
+    """The attention calls of one checkpointed layer's forward, for its recompute to replay.
+
+    An entry per call, in order: the offloaded output and logsumexp with the kernel's state, or
+    None for a call the flash kernel does not take (a mask, dropout), which the recompute runs as usual.
+    """
+
+    def __init__(self) -> None:
+        self.entries: list[tuple[_Offloaded, _Offloaded, tuple] | None] = []
+        self.replaying = False
+
+    def replay(self) -> None:
+        """Start copying the kept tensors back; the recompute's attention calls take them in order."""
+        for entry in self.entries:
+            for kept in entry[:2] if entry else ():
+                if kept.device.type == "cuda":
+                    kept.prefetch()
+        self.replaying, self.entries = True, self.entries[::-1]
+
+    def next(self) -> tuple[_Offloaded, _Offloaded, tuple] | None:
+        return self.entries.pop()
+
+
+# The kept attention of the checkpointed layer whose forward or recompute runs now; None elsewhere.
+_kept_attention: ContextVar[_KeptAttention | None] = ContextVar("qlora_kit_kept_attention", default=None)
+
+
+def _flash_takes(module, query, key, value, attention_mask, dropout, scaling, is_causal, kwargs) -> bool:
+    """Whether this sdpa call is plain causal attention that sdpa itself would run on the flash kernel."""
+    causal = is_causal is not False and getattr(module, "is_causal", True)
+    changed = any(kwargs.get(k) is not None for k in ("position_bias", "softcap")) or kwargs.get("output_attentions")
+    if not causal or changed or attention_mask is not None or dropout or not query.shape[2] == key.shape[2] > 1:
+        return False
+    if supported(query, key, value, scaling):
+        return True
+    _warn_once(
+        f"training.recompute_attention=false: sdpa runs {sdpa_kernel(query, key, value, scaling)} here, not the flash "
+        "kernel the kept attention output comes from; the checkpoints recompute attention as with true"
+    )
+    return False
+
+
+@functools.cache
+def _warn_once(message: str) -> None:
+    log.warning(message)
+
+
+def _sdpa_dispatcher(original):
+    """An sdpa attention function that is ``original`` except inside a checkpoint that keeps its attention."""
+
+    @functools.wraps(original)
+    def sdpa_attention_forward(module, query, key, value, attention_mask, dropout=0.0, scaling=None, **kwargs):
+        kept = _kept_attention.get()
+        if kept is None:
+            return original(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs)
+        if kept.replaying:
+            entry = kept.next()
+            if entry is None:
+                return original(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs)
+            out, lse, state = entry
+            return AttentionFromKept.apply(query, key, value, out.take(), lse.take(), state, scaling), None
+        if not _flash_takes(
+            module, query, key, value, attention_mask, dropout, scaling, kwargs.get("is_causal"), kwargs
+        ):
+            kept.entries.append(None)
+            return original(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs)
+        out, lse, state = flash_forward(query, key, value, scaling)
+        kept.entries.append((_Offloaded(out, queued=False), _Offloaded(lse, queued=False), state))
+        return out, None
+
+    sdpa_attention_forward.original = original
+    return sdpa_attention_forward
+
+
 class _OffloadedCheckpoint(torch.autograd.Function):
     """Recompute-in-backward (like reentrant checkpointing) with the layer input held in CPU memory.
 
     The CUDA RNG state and the autocast settings of the forward are restored for the
     recomputation, so dropout and mixed precision recompute exactly what the forward saw.
+    With ``keep_attention``, the forward's attention outputs are kept too, and the recompute
+    takes them instead of running attention again.
     """
 
     @staticmethod
-    def forward(ctx, run, hidden: torch.Tensor, *args):
+    def forward(ctx, run, keep_attention: bool, hidden: torch.Tensor, *args):
         ctx.run, ctx.args, ctx.device = run, args, hidden.device
         ctx.autocast = (torch.is_autocast_enabled(hidden.device.type), torch.get_autocast_dtype(hidden.device.type))
         ctx.rng = torch.cuda.get_rng_state(hidden.device) if hidden.is_cuda else torch.get_rng_state()
         ctx.offloaded = _Offloaded(hidden)
-        with torch.no_grad():
-            return run(hidden, *args)
+        ctx.kept = _KeptAttention() if keep_attention else None
+        token = _kept_attention.set(ctx.kept)
+        try:
+            with torch.no_grad():
+                return run(hidden, *args)
+        finally:
+            _kept_attention.reset(token)
 
     @staticmethod
     def backward(ctx, grad_out: torch.Tensor):
+        kept, ctx.kept = ctx.kept, None
+        if kept is not None:
+            # Before the layer input below queues the next layer's: the recompute needs these first.
+            kept.replay()
         hidden = ctx.offloaded.take().requires_grad_(True)
         ctx.offloaded = None
         enabled, dtype = ctx.autocast
         devices = [ctx.device] if ctx.device.type == "cuda" else []
-        with torch.random.fork_rng(devices=devices, device_type=ctx.device.type):
-            if ctx.device.type == "cuda":
-                torch.cuda.set_rng_state(ctx.rng, ctx.device)
-            else:
-                torch.set_rng_state(ctx.rng)
-            with torch.enable_grad(), torch.autocast(ctx.device.type, dtype=dtype, enabled=enabled):
-                out = ctx.run(hidden, *ctx.args)
+        token = _kept_attention.set(kept)
+        try:
+            with torch.random.fork_rng(devices=devices, device_type=ctx.device.type):
+                if ctx.device.type == "cuda":
+                    torch.cuda.set_rng_state(ctx.rng, ctx.device)
+                else:
+                    torch.set_rng_state(ctx.rng)
+                with torch.enable_grad(), torch.autocast(ctx.device.type, dtype=dtype, enabled=enabled):
+                    out = ctx.run(hidden, *ctx.args)
+        finally:
+            _kept_attention.reset(token)
         torch.autograd.backward(out, grad_out)
-        return (None, hidden.grad) + (None,) * len(ctx.args)
+        return (None, None, hidden.grad) + (None,) * len(ctx.args)
 
 
-def offloaded_checkpoint(run, hidden: torch.Tensor, *args) -> torch.Tensor:
+def offloaded_checkpoint(run, hidden: torch.Tensor, *args, keep_attention: bool = False) -> torch.Tensor:
     """A drop-in for transformers' ``_gradient_checkpointing_func(run, hidden, *args)``."""
     if not torch.is_grad_enabled():
         # A forward without gradients (evaluation, DPO's reference pass) has no backward to offload for.
@@ -146,20 +284,53 @@ def offloaded_checkpoint(run, hidden: torch.Tensor, *args) -> torch.Tensor:
         # The first layer's input comes from frozen embeddings: without a grad-requiring
         # input, autograd would never call backward and its LoRA weights would get no gradient.
         hidden = hidden.detach().requires_grad_(True)
-    return _OffloadedCheckpoint.apply(run, hidden, *args)
+    return _OffloadedCheckpoint.apply(run, keep_attention, hidden, *args)
 
 
-def use_offloaded_checkpointing(model: nn.Module) -> int:
+def host_memory_available() -> int | None:
+    """Bytes of CPU memory the kernel could give this process now (Linux's MemAvailable); None elsewhere."""
+    try:
+        with open("/proc/meminfo") as f:
+            fields = dict(line.split(":", 1) for line in f)
+    except OSError:
+        return None
+    return int(fields["MemAvailable"].split()[0]) * 1024 if "MemAvailable" in fields else None
+
+
+def checkpoint_host_bytes(config, layers: int, tokens: int, dtype: torch.dtype, keep_attention: bool) -> int:
+    """The pinned CPU memory ``layers`` offloaded checkpoints hold at ``tokens`` tokens a step (a
+    transformers config's shape): each layer's input, and with ``keep_attention`` its attention output
+    and float32 logsumexp."""
+    per_token = config.hidden_size * dtype.itemsize
+    if keep_attention:
+        heads = config.num_attention_heads
+        head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
+        per_token += heads * head_dim * dtype.itemsize + heads * 4
+    return layers * tokens * per_token
+
+
+def use_offloaded_checkpointing(model: nn.Module, keep_attention: bool = False) -> int:
     """Checkpoint every decoder layer with its input offloaded to CPU memory; returns the layer count.
 
     Call after ``gradient_checkpointing_enable``; it replaces the checkpoint function that
-    transformers set on each layer.
+    transformers set on each layer. ``keep_attention``: the attention output and logsumexp
+    are offloaded too and the recompute does not run attention again (sdpa attention only;
+    as much CPU memory again as the layer inputs for a Llama, whose attention output is
+    hidden-sized).
     """
-    layers = [m for m in model.modules() if getattr(m, "gradient_checkpointing", False)]
+    layers = checkpointed_layers(model)
     if not layers:
         raise ValueError("offloaded checkpointing needs gradient checkpointing: enable it first")
+    if keep_attention:
+        if model.config._attn_implementation != "sdpa":
+            raise ValueError(
+                f"keeping the attention output works with sdpa attention, not {model.config._attn_implementation!r}"
+            )
+        if not hasattr(sdpa_attention_function(), "original"):
+            set_sdpa_attention_function(_sdpa_dispatcher(sdpa_attention_function()))
+    checkpoint = functools.partial(offloaded_checkpoint, keep_attention=keep_attention)
     for layer in layers:
-        set_checkpoint_function(layer, offloaded_checkpoint)
+        set_checkpoint_function(layer, checkpoint)
     return len(layers)
 
 

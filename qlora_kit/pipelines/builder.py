@@ -6,7 +6,7 @@
       -> fused ops, or the plain PyTorch path (training.fused_kernels)
       -> the base GEMMs in FP8 (training.fp8_base_matmul)
       -> the MLPs in chunks of tokens (training.mlp_chunk_tokens)
-      -> gradient checkpointing, uncheckpointed layers, offloaded checkpoints and embeddings
+      -> gradient checkpointing, uncheckpointed layers, offloaded checkpoints (and attention outputs), embeddings
       -> optimizer inside backward, offloaded adapters (training.optimizer_in_backward, offload_adapters)
       -> SFTModel (the SFT loss) or PreferenceModel (DPO/ORPO log-probs: training.method), sharded under FSDP
 
@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import logging
 import math
+import os
 from dataclasses import dataclass, field
 
 import torch
@@ -29,7 +30,12 @@ from qlora_kit.model.build import build_random_quantized
 from qlora_kit.model.fsdp import nf4_storage_bytes, shard_model
 from qlora_kit.model.fused import use_fused_ops
 from qlora_kit.model.load import load_quantized, resolve_compute_dtype
-from qlora_kit.model.offload import offload_embeddings, use_offloaded_checkpointing
+from qlora_kit.model.offload import (
+    checkpoint_host_bytes,
+    host_memory_available,
+    offload_embeddings,
+    use_offloaded_checkpointing,
+)
 from qlora_kit.model.sft import SFTModel
 from qlora_kit.model.sources import ModelSource
 from qlora_kit.modules.fake_quant import FakeQuantConfig
@@ -143,7 +149,11 @@ def build_training_model(
         for layer in lm.model.layers[max(len(lm.model.layers) - t.uncheckpointed_layers, 0) :]:
             layer.gradient_checkpointing = False
         if t.offload_activations:
-            use_offloaded_checkpointing(lm)
+            try:
+                layers = use_offloaded_checkpointing(lm, keep_attention=not t.recompute_attention)
+            except ValueError as e:
+                raise RecipeError(f"training.recompute_attention: {e}") from None
+            _check_host_memory(recipe, lm.config, layers, compute_dtype, processes)
     if t.offload_embeddings:
         try:
             offload_embeddings(lm)
@@ -187,6 +197,27 @@ def _check(recipe: Recipe, processes: int, sharded: bool) -> None:
             "training.optimizer_in_backward works in a single process: its hooks would step "
             "before the gradients of other processes are reduced"
         )
+
+
+def _check_host_memory(recipe: Recipe, config, layers: int, dtype: torch.dtype, processes: int) -> None:
+    """Refuse offloaded checkpoints the host's CPU memory cannot hold at the longest batch, before training:
+    the alternative is the kernel killing the process mid-step (pinned memory cannot be swapped)."""
+    t = recipe.training
+    rows = t.batch_size * (1 if t.method == "sft" else 2)  # preference rows: chosen and rejected
+    need = checkpoint_host_bytes(config, layers, rows * recipe.data.max_seq_len, dtype, not t.recompute_attention)
+    need *= min(processes, int(os.environ.get("LOCAL_WORLD_SIZE", processes)))  # the processes sharing this host
+    available = host_memory_available()
+    log.info("offloaded checkpoints: up to %.1f GB of pinned CPU memory a step", need / 1e9)
+    if available is None or need <= 0.9 * available:
+        return
+    kept = " and attention outputs" if not t.recompute_attention else ""
+    raise RecipeError(
+        f"training.offload_activations: the checkpoints{kept} of {layers} layers need {need / 1e9:.3g} GB of CPU "
+        f"memory at data.max_seq_len={recipe.data.max_seq_len} x training.batch_size={t.batch_size}"
+        + (f" x {processes} processes" if processes > 1 else "")
+        + f", and this machine has {available / 1e9:.3g} GB available: lower data.max_seq_len or "
+        "training.batch_size" + (", or set training.recompute_attention=true (half as much)" if kept else "")
+    )
 
 
 def _setup_qat(lm: nn.Module, recipe: Recipe) -> list:
