@@ -99,7 +99,8 @@ class _Offloaded:
         self.lengths = _piece_lengths(hidden.numel(), hidden.element_size())
         self.cpu = [torch.empty(n, dtype=hidden.dtype, pin_memory=hidden.is_cuda) for n in self.lengths]
         self.gpu: torch.Tensor | None = None
-        parts = hidden.reshape(-1).split(self.lengths)
+        flat = hidden.reshape(-1)
+        parts = flat.split(self.lengths)
         if not hidden.is_cuda:
             for piece, part in zip(self.cpu, parts):
                 piece.copy_(part)
@@ -111,8 +112,8 @@ class _Offloaded:
                 piece.copy_(part, non_blocking=True)
             self.on_cpu = torch.cuda.Event()
             self.on_cpu.record()
-        # The compute stream must not reuse hidden's memory before the copy has read it.
-        hidden.record_stream(streams.d2h)
+        # The compute stream must not reuse the memory the copy reads (hidden's, or its contiguous copy's) before it has.
+        flat.record_stream(streams.d2h)
         if queued:
             streams.pending.append(weakref.ref(self))
 
