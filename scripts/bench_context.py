@@ -43,6 +43,7 @@ import importlib.util
 import json
 import math
 import os
+import signal
 import subprocess
 import sys
 import tempfile
@@ -234,6 +235,8 @@ def trial_in_subprocess(side: str, seq: int, args) -> dict:
     lines = [line for line in done.stdout.splitlines() if line.startswith(RESULT)]
     if done.returncode != 0 or not lines:
         tail = (done.stderr or done.stdout).strip().splitlines()[-3:]
+        if done.returncode == -signal.SIGKILL:  # the kernel's OOM killer leaves no message of its own
+            tail = ["killed (SIGKILL): most likely the host ran out of CPU memory", *tail]
         return {"fits": False, "error": f"{CRASHED} {done.returncode}: " + " | ".join(tail)}
     result = json.loads(lines[-1][len(RESULT) :])
     result["trial_s"] = time.perf_counter() - start

@@ -208,6 +208,22 @@ def test_per_side_start_and_max_lengths():
             per_side(bad, sides, 8192, "--start")
 
 
+def test_a_trial_killed_by_the_host_says_so(monkeypatch):
+    """The kernel's OOM killer ends a trial with SIGKILL and no message: the error names the likely cause."""
+    import argparse
+    import signal
+
+    search = bench_context()
+    monkeypatch.syspath_prepend(str(REPO / "scripts"))
+    killed = subprocess.CompletedProcess([], -signal.SIGKILL, stdout="", stderr="")
+    monkeypatch.setattr(search.subprocess, "run", lambda *a, **k: killed)
+    args = argparse.Namespace(trial_timeout=5, pythonpath=[])
+    monkeypatch.setattr(search, "_forwarded", lambda args: [])
+    result = search.trial_in_subprocess("ours-long", 344064, args)
+    assert not result["fits"]
+    assert result["error"] == f"{search.CRASHED} -9: killed (SIGKILL): most likely the host ran out of CPU memory"
+
+
 @pytest.mark.slow
 def test_dry_run_of_the_search(tmp_path):
     """The CPU dry run: trials in subprocesses, a simulated cap of 352 tokens, step 64."""
