@@ -208,6 +208,19 @@ def test_per_side_start_and_max_lengths():
             per_side(bad, sides, 8192, "--start")
 
 
+def test_bench_attention_on_the_cpu_agrees_with_float64():
+    """scripts/bench_attention.py's smoke run: every method's gradients against its float64 reference."""
+    command = [sys.executable, str(REPO / "scripts/bench_attention.py"), "--device", "cpu", "--seq", "256"]
+    command += ["--check-seq", "128", "--heads", "4", "--kv-heads", "2", "--head-dim", "16", "--reps", "1"]
+    done = subprocess.run(command, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    rows = [line.split(maxsplit=3) for line in done.stdout.splitlines() if line.startswith(("  sdpa", "  kept"))]
+    assert [" ".join(r[:3]) for r in rows] == ["sdpa, 3 passes", "kept on flash", "kept on cudnn"]
+    for row in rows:
+        assert all(float(e) < 1e-2 for e in row[3].split(", ")), row  # bf16 inputs: rounding only
+    assert "256  flash_attention         yes" in done.stdout
+
+
 def test_a_trial_killed_by_the_host_says_so(monkeypatch):
     """The kernel's OOM killer ends a trial with SIGKILL and no message: the error names the likely cause."""
     import argparse

@@ -9,11 +9,13 @@ projections are linear). :func:`flash_forward` returns O and L so the caller can
 :class:`AttentionFromKept` takes the recomputed q, k, v with the kept O and L: its forward
 returns O as it is, its backward is the flash backward.
 
-The kernels are torch's flash kernels (``aten._scaled_dot_product_flash_attention`` on CUDA,
-its CPU twin elsewhere), taken only where ``scaled_dot_product_attention`` would run flash itself
-(``torch._fused_sdp_choice``): where it picks another kernel, as cuDNN on Hopper, :func:`supported`
-says no and the caller recomputes as before, so the lever never swaps in a slower kernel (on an
-H200 sdpa's cuDNN kernel runs the three passes in less time than flash runs two). Layout as sdpa's:
+The kernels are torch's own: flash (``aten._scaled_dot_product_flash_attention``, and its CPU
+twin) and cuDNN (``aten._scaled_dot_product_cudnn_attention``, CUDA). Training takes the kept path
+only where ``scaled_dot_product_attention`` would itself run one of :data:`TRAINING_KERNELS`
+(``torch._fused_sdp_choice``), so the lever never swaps in a slower kernel; elsewhere
+:func:`supported` says no and the caller recomputes as before. cuDNN, what sdpa runs on Hopper, is
+not among them yet: its kept backward disagreed with sdpa's in a first H200 run
+(``scripts/bench_attention.py`` checks both against a float64 reference). Layout as sdpa's:
 q ``[batch, heads, seq, head_dim]``, k and v ``[batch, kv_heads, seq, head_dim]`` (grouped-query
 attention when kv_heads divides heads); O is returned as ``[batch, seq, heads, head_dim]``, what
 transformers' attention functions return.
@@ -24,8 +26,8 @@ from __future__ import annotations
 import torch
 from torch.nn.attention import SDPBackend
 
-# What flash_forward's output carries besides O and L for the backward: the CUDA kernel's
-# bookkeeping (cumulative and max sequence lengths, the dropout RNG state).
+# What flash_forward's output carries besides O and L for the backward: the CUDA kernel, O's layout
+# and the kernel's bookkeeping (cumulative and max sequence lengths, the dropout RNG state).
 State = tuple
 KERNELS = {
     int(getattr(SDPBackend, name)): name.lower()
@@ -40,11 +42,15 @@ def sdpa_kernel(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, sca
     return KERNELS.get(choice, str(choice))
 
 
+# The kernels training keeps attention for (the sdpa choice they must match).
+TRAINING_KERNELS = ("flash_attention",)
+
+
 def supported(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, scale: float | None) -> bool:
-    """Whether sdpa would run the flash kernel for these tensors (then the kept path runs the same kernel)."""
+    """Whether sdpa would run one of :data:`TRAINING_KERNELS` for these tensors (the kept path then runs it too)."""
     if query.shape[1] % key.shape[1] or query.device.type not in ("cuda", "cpu"):
         return False
-    return sdpa_kernel(query, key, value, scale) == "flash_attention"
+    return sdpa_kernel(query, key, value, scale) in TRAINING_KERNELS
 
 
 def _expand_heads(t: torch.Tensor, groups: int) -> torch.Tensor:
@@ -53,26 +59,51 @@ def _expand_heads(t: torch.Tensor, groups: int) -> torch.Tensor:
 
 
 def flash_forward(
-    query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, scale: float | None
+    query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, scale: float | None, kernel: str | None = None
 ) -> tuple[torch.Tensor, torch.Tensor, State]:
-    """Causal attention: (O ``[batch, seq, heads, head_dim]``, logsumexp L, the kernel's state)."""
-    if query.is_cuda:
+    """Causal attention: (O ``[batch, seq, heads, head_dim]``, logsumexp L, the kernel's state).
+
+    ``kernel``: ``"flash_attention"`` or ``"cudnn_attention"`` (CUDA); None: the one sdpa would run,
+    if it is in :data:`TRAINING_KERNELS`, else flash.
+    """
+    if not query.is_cuda:
+        groups = query.shape[1] // key.shape[1]
+        out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
+            query, _expand_heads(key, groups), _expand_heads(value, groups), 0.0, True, scale=scale
+        )
+        return out.transpose(1, 2).contiguous(), lse, ()
+    if kernel is None:
+        chosen = sdpa_kernel(query, key, value, scale)
+        kernel = chosen if chosen in TRAINING_KERNELS else "flash_attention"
+    if kernel == "cudnn_attention":
+        out, lse, cum_q, cum_k, max_q, max_k, seed, offset, _ = torch.ops.aten._scaled_dot_product_cudnn_attention(
+            query, key, value, None, True, 0.0, True, False, scale=scale
+        )
+    else:
         out, lse, cum_q, cum_k, max_q, max_k, seed, offset, _ = torch.ops.aten._scaled_dot_product_flash_attention(
             query, key, value, 0.0, True, False, scale=scale
         )
-        # Written [b, s, h, d] and viewed [b, h, s, d]: the transpose is free.
-        return out.transpose(1, 2).contiguous(), lse, (cum_q, cum_k, max_q, max_k, seed, offset)
-    groups = query.shape[1] // key.shape[1]
-    out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
-        query, _expand_heads(key, groups), _expand_heads(value, groups), 0.0, True, scale=scale
-    )
-    return out.transpose(1, 2).contiguous(), lse, ()
+    # Flash writes O [b, s, h, d] and views it [b, h, s, d] (the transpose is free); cuDNN may lay it out as q.
+    return out.transpose(1, 2).contiguous(), lse, (kernel, out.stride(), cum_q, cum_k, max_q, max_k, seed, offset)
+
+
+def _with_strides(t: torch.Tensor, strides: tuple[int, ...]) -> torch.Tensor:
+    if t.stride() == strides:
+        return t
+    return torch.empty_strided(t.shape, strides, dtype=t.dtype, device=t.device).copy_(t)
 
 
 def _flash_backward(grad_out, query, key, value, out, lse, state: State, scale):
     """dq, dk, dv of causal attention from the forward's O and L (``out``, ``grad_out``: ``[b, h, s, d]``)."""
     if query.is_cuda:
-        cum_q, cum_k, max_q, max_k, seed, offset = state
+        kernel, strides, cum_q, cum_k, max_q, max_k, seed, offset = state
+        # O as the kernel wrote it, and its gradient in the same layout (cuDNN reads both with one layout).
+        out, grad_out = (_with_strides(t, strides) for t in (out, grad_out))
+        if kernel == "cudnn_attention":
+            return torch.ops.aten._scaled_dot_product_cudnn_attention_backward(
+                grad_out, query, key, value, out, lse, seed, offset, None, cum_q, cum_k, max_q, max_k, 0.0, True,
+                scale=scale,
+            )  # fmt: skip
         return torch.ops.aten._scaled_dot_product_flash_attention_backward(
             grad_out, query, key, value, out, lse, cum_q, cum_k, max_q, max_k, 0.0, True, seed, offset, scale=scale
         )
