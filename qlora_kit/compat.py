@@ -9,7 +9,7 @@ constraints.txt pins the exact versions CI runs.
 |---|---|---|
 | Trainer's private save/load hooks, checkpoint file names | transformers.Trainer | pipelines/train.py |
 | the "already prepared" flag that makes ``Accelerator.prepare`` leave a model as it is | accelerate | pipelines/builder.py (FSDP) |
-| the per-layer ``_gradient_checkpointing_func`` | transformers GradientCheckpointingLayer | model/offload.py |
+| the per-layer ``_gradient_checkpointing_func``; checkpointing's enabling method (renamed for v6) | transformers GradientCheckpointingLayer, PreTrainedModel | model/offload.py, pipelines/builder.py |
 | ``LayerWiseDummyOptimizer`` for optimizers stepped inside backward | transformers.trainer_pt_utils | pipelines/optim.py |
 | the 8-bit optimizers' per-tensor step pieces | bitsandbytes Optimizer8bit | pipelines/optim.py |
 | the module global ``apply_rotary_pos_emb`` the attention forward calls | transformers modeling_<family> | model/fused.py |
@@ -23,6 +23,7 @@ constraints.txt pins the exact versions CI runs.
 
 from __future__ import annotations
 
+import inspect
 import types
 from collections.abc import Callable
 
@@ -71,6 +72,18 @@ def checkpoint_file_names() -> tuple[str, str]:
 def mark_prepared(model: nn.Module) -> None:
     """Make ``Accelerator.prepare`` (and so the Trainer) leave ``model`` as it is (no DDP/FSDP wrapping)."""
     model._is_accelerate_prepared = True
+
+
+def enable_checkpointing(model: nn.Module) -> None:
+    """Non-reentrant gradient checkpointing on every decoder layer of a transformers model: through
+    ``activation_checkpointing_enable`` where transformers has it, else the older name it deprecates
+    (``gradient_checkpointing_enable``, to be removed in v6)."""
+    options = {"use_reentrant": False}
+    enable = getattr(model, "activation_checkpointing_enable", None)
+    if enable is not None and "activation_checkpointing_kwargs" in inspect.signature(enable).parameters:
+        enable(activation_checkpointing_kwargs=options)
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=options)
 
 
 def checkpointed_layers(model: nn.Module) -> list[nn.Module]:

@@ -57,6 +57,7 @@ from pathlib import Path
 
 import torch
 
+from qlora_kit.compat import enable_checkpointing
 from qlora_kit.model.build import SHAPES, llama_config
 
 # Our sides: recipe overrides on top of recipes/bench.yaml and the command line's.
@@ -166,7 +167,7 @@ def build_stock(config, recipe, device: torch.device):
     model.model.rotary_emb.to(device)
     model.config.use_cache = False
     if recipe.training.gradient_checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        enable_checkpointing(model)
     lora = recipe.lora
     model = get_peft_model(
         model,

@@ -59,10 +59,14 @@ def test_accelerate_leaves_a_model_marked_prepared_as_it_is():
 
 
 def test_gradient_checkpointing_sets_a_per_layer_function(tiny_model_dir):
+    import warnings
+
     from transformers import AutoModelForCausalLM
 
     model = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
-    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", FutureWarning)  # not through a name transformers deprecates
+        compat.enable_checkpointing(model)
     layer = model.model.layers[0]
     assert callable(layer._gradient_checkpointing_func) and layer.gradient_checkpointing
     assert compat.checkpointed_layers(model) == list(model.model.layers)  # not the LlamaModel holding them

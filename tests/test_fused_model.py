@@ -19,6 +19,7 @@ if not torch.cuda.is_available():
 from transformers import AutoConfig, AutoModelForCausalLM  # noqa: E402
 
 import qlora_kit.model.fused as fused  # noqa: E402
+from qlora_kit.compat import enable_checkpointing  # noqa: E402
 from qlora_kit.model.adapters import add_lora  # noqa: E402
 from qlora_kit.model.fused import use_fused_ops  # noqa: E402
 
@@ -50,7 +51,7 @@ def tiny_model(model_type: str, seed: int = 0):
         if name.endswith("lora_B.weight"):
             p.data.normal_(0, 0.1)
     model.config.use_cache = False
-    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    enable_checkpointing(model)
     return model.train()
 
 

@@ -12,6 +12,7 @@ import torch
 from torch import nn
 from transformers import LlamaConfig, LlamaForCausalLM
 
+from qlora_kit.compat import enable_checkpointing
 from qlora_kit.config import RecipeError
 from qlora_kit.model.adapters import add_lora
 from qlora_kit.model.offload import use_offloaded_checkpointing
@@ -172,7 +173,7 @@ def test_inside_checkpointed_layers(checkpointing, chunk, backward_calls):
     results = []
     for tile in (False, True):
         model = tiny_llama()
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        enable_checkpointing(model)
         if checkpointing == "offloaded":
             use_offloaded_checkpointing(model)
         if tile:

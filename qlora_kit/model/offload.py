@@ -313,7 +313,7 @@ def checkpoint_host_bytes(config, layers: int, tokens: int, dtype: torch.dtype, 
 def use_offloaded_checkpointing(model: nn.Module, keep_attention: bool = False) -> int:
     """Checkpoint every decoder layer with its input offloaded to CPU memory; returns the layer count.
 
-    Call after ``gradient_checkpointing_enable``; it replaces the checkpoint function that
+    Call after checkpointing is enabled (``compat.enable_checkpointing``); it replaces the checkpoint function that
     transformers set on each layer. ``keep_attention``: the attention output and logsumexp
     are offloaded too and the recompute does not run attention again (sdpa attention only;
     as much CPU memory again as the layer inputs for a Llama, whose attention output is

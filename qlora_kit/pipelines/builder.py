@@ -24,6 +24,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
+from qlora_kit.compat import enable_checkpointing
 from qlora_kit.config import Recipe, RecipeError
 from qlora_kit.model.adapters import add_lora, peft_config
 from qlora_kit.model.build import build_random_quantized
@@ -145,7 +146,7 @@ def build_training_model(
             raise RecipeError(f"training.mlp_chunk_tokens: {e}") from None
     lm.config.use_cache = False
     if t.gradient_checkpointing:
-        lm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        enable_checkpointing(lm)
         for layer in lm.model.layers[max(len(lm.model.layers) - t.uncheckpointed_layers, 0) :]:
             layer.gradient_checkpointing = False
         if t.offload_activations:
