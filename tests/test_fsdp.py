@@ -133,6 +133,9 @@ def _sharding_worker(rank: int, port: int, model_dir: str, adapter_dir: str) -> 
         load_adapter_weights(lm, adapter_dir)
         for key, value in lora_state_dict(lm).items():
             assert torch.equal(value, adapter[key]), key
+        # Both done before either tears gloo down: a process whose peer has closed its connections
+        # mid-teardown can abort ("terminate called without an active exception", seen once in CI).
+        dist.barrier()
     finally:
         dist.destroy_process_group()
 
