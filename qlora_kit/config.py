@@ -556,6 +556,12 @@ def _validate(recipe: Recipe, where: Callable[[str], str]) -> None:
             f"{where('training.recompute_attention')}: training.recompute_attention=false keeps the attention "
             "output with the offloaded checkpoint: set training.offload_activations=true"
         )
+    if not t.recompute_attention and recipe.model.attn_implementation != "sdpa":
+        raise RecipeError(
+            f"{where('training.recompute_attention')}: training.recompute_attention: false keeps the output of "
+            f"sdpa attention, not {recipe.model.attn_implementation!r} (model.attn_implementation): set "
+            "model.attn_implementation=sdpa or training.recompute_attention=true"
+        )
     if not t.recompute_attention and t.fp8_base_matmul == "backward":
         raise RecipeError(
             f"{where('training.recompute_attention')}: training.recompute_attention=false reuses the forward's "

@@ -153,6 +153,23 @@ def make_recipe():
     return _tiny_recipe
 
 
+@pytest.fixture
+def built_model():
+    """built_model(dir, model_dir, task_dir, *overrides): make_recipe's recipe built by the model builder on
+    the CPU (``build_training_model``, what train() runs), in training mode."""
+    return _built_model
+
+
+def _built_model(tmp_path, model_dir, task, *overrides):
+    from qlora_kit.model.sources import resolve_source
+    from qlora_kit.pipelines.builder import build_training_model
+
+    recipe = _tiny_recipe(tmp_path, model_dir, task, *overrides)
+    built = build_training_model(recipe, "cpu", source=resolve_source(str(model_dir)), progress=False)
+    built.model.train()
+    return built
+
+
 def _tiny_recipe(tmp_path, model_dir, task, *overrides):
     tmp_path.mkdir(parents=True, exist_ok=True)
     recipe_file = tmp_path / "recipe.yaml"

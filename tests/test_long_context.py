@@ -18,9 +18,6 @@ import pytest
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from qlora_kit.model.sources import resolve_source
-from qlora_kit.pipelines.builder import build_training_model
-
 REPO = Path(__file__).resolve().parent.parent
 
 
@@ -31,17 +28,10 @@ def bench_context():
     return module
 
 
-def built_model(tmp_path, model_dir, task_files, make_recipe, *overrides):
-    recipe = make_recipe(tmp_path, model_dir, task_files, *overrides)
-    built = build_training_model(recipe, "cpu", source=resolve_source(str(model_dir)), progress=False)
-    built.model.train()
-    return built
-
-
 @pytest.mark.parametrize("mask", [None, "ones"])
-def test_sdpa_gets_no_mask_for_an_unpadded_batch(tmp_path, tiny_model_dir, task_files, make_recipe, monkeypatch, mask):
+def test_sdpa_gets_no_mask_for_an_unpadded_batch(tmp_path, tiny_model_dir, task_files, built_model, monkeypatch, mask):
     """What the data collator passes for unpacked rows (a mask of ones) builds no 4D mask either."""
-    built = built_model(tmp_path, tiny_model_dir, task_files, make_recipe)
+    built = built_model(tmp_path, tiny_model_dir, task_files)
     calls = []
     sdpa = torch.nn.functional.scaled_dot_product_attention
 
@@ -90,7 +80,7 @@ def test_attention_from_kept_output_matches_float64(heads, kv_heads, seq):
 
 @pytest.mark.parametrize("padded", [False, True])
 def test_kept_attention_gives_the_same_gradients_without_recomputing_it(
-    tmp_path, tiny_model_dir, task_files, make_recipe, monkeypatch, padded
+    tmp_path, tiny_model_dir, task_files, built_model, monkeypatch, padded
 ):
     """recompute_attention=false: the loss and LoRA gradients of the recomputing checkpoint, and no
     attention in the recompute; a padded batch (a mask: not the flash kernel's) recomputes as before."""
@@ -118,7 +108,6 @@ def test_kept_attention_gives_the_same_gradients_without_recomputing_it(
             tmp_path / recompute,
             tiny_model_dir,
             task_files,
-            make_recipe,
             "training.offload_activations=true",
             f"training.recompute_attention={recompute}",
         )
@@ -148,7 +137,7 @@ def test_recompute_attention_recipe_errors(tmp_path, tiny_model_dir, task_files,
     with pytest.raises(RecipeError, match="fp8_base_matmul=backward"):
         make_recipe(tmp_path / "b", tiny_model_dir, task_files, *keep, "training.fp8_base_matmul=backward")
     with pytest.raises(RecipeError, match="training.recompute_attention: .*sdpa attention, not 'eager'"):
-        built_model(tmp_path / "c", tiny_model_dir, task_files, make_recipe, *keep, "model.attn_implementation=eager")
+        make_recipe(tmp_path / "c", tiny_model_dir, task_files, *keep, "model.attn_implementation=eager")
 
 
 class _Ops(TorchDispatchMode):
@@ -164,8 +153,8 @@ class _Ops(TorchDispatchMode):
 
 
 @pytest.mark.parametrize("levers", [[], ["training.offload_activations=true"], ["training.fused_kernels=false"]])
-def test_no_gradient_for_the_frozen_embedding(tmp_path, tiny_model_dir, task_files, make_recipe, levers):
-    built = built_model(tmp_path, tiny_model_dir, task_files, make_recipe, *levers)
+def test_no_gradient_for_the_frozen_embedding(tmp_path, tiny_model_dir, task_files, built_model, levers):
+    built = built_model(tmp_path, tiny_model_dir, task_files, *levers)
     embedding = built.lm.get_input_embeddings().weight
     ids = torch.randint(0, 1000, (1, 40))
     loss = built.model(input_ids=ids, labels=ids)["loss"]

@@ -213,20 +213,17 @@ def test_offloaded_tensor_comes_back_from_several_pieces(monkeypatch):
 
 @pytest.mark.parametrize("keep", [False, True])
 def test_checkpoint_host_bytes_is_what_a_step_offloads(
-    tmp_path, untied_model_dir, task_files, make_recipe, monkeypatch, keep
+    tmp_path, untied_model_dir, task_files, built_model, monkeypatch, keep
 ):
     from qlora_kit.model import offload
-    from qlora_kit.model.sources import resolve_source
-    from qlora_kit.pipelines.builder import build_training_model
 
-    recipe = make_recipe(
+    built = built_model(
         tmp_path,
         untied_model_dir,
         task_files,
         "training.offload_activations=true",
         f"training.recompute_attention={str(not keep).lower()}",
     )
-    built = build_training_model(recipe, "cpu", source=resolve_source(str(untied_model_dir)), progress=False)
     offloaded = []
     init = offload._Offloaded.__init__
 
@@ -236,29 +233,22 @@ def test_checkpoint_host_bytes_is_what_a_step_offloads(
 
     monkeypatch.setattr(offload._Offloaded, "__init__", counted)
     ids = torch.randint(0, 1000, (3, 50))
-    built.model.train()(input_ids=ids, labels=ids)["loss"].backward()
+    built.model(input_ids=ids, labels=ids)["loss"].backward()
     expected = offload.checkpoint_host_bytes(built.lm.config, 2, 3 * 50, torch.float32, keep_attention=keep)
     assert sum(offloaded) == expected and len(offloaded) == (3 if keep else 1) * 2
 
 
 def test_offloaded_checkpoints_beyond_the_host_memory_are_a_recipe_error(
-    tmp_path, untied_model_dir, task_files, make_recipe, monkeypatch
+    tmp_path, untied_model_dir, task_files, built_model, monkeypatch
 ):
     from qlora_kit.model import offload
-    from qlora_kit.model.sources import resolve_source
     from qlora_kit.pipelines import builder
 
     monkeypatch.setattr(builder, "host_memory_available", lambda: 10**5)
     # 2 layers x 8 rows x 64 tokens x 64 hidden x 4 bytes (fp32 on the CPU) = 262,144 bytes
     for keep, message in [("true", r"of 2 layers need 0\.000262 GB .*max_seq_len=64 x training\.batch_size=8.* 0\.0001 GB av"),
                           ("false", "recompute_attention=true")]:  # fmt: skip
-        recipe = make_recipe(
-            tmp_path / keep,
-            untied_model_dir,
-            task_files,
-            "training.offload_activations=true",
-            f"training.recompute_attention={keep}",
-        )
+        overrides = ["training.offload_activations=true", f"training.recompute_attention={keep}"]
         with pytest.raises(RecipeError, match=message):
-            builder.build_training_model(recipe, "cpu", source=resolve_source(str(untied_model_dir)), progress=False)
+            built_model(tmp_path / keep, untied_model_dir, task_files, *overrides)
     assert offload.host_memory_available() > 10**8  # this machine's /proc/meminfo

@@ -32,6 +32,7 @@ from qlora_kit.compat import (
     set_checkpoint_function,
     set_sdpa_attention_function,
 )
+from qlora_kit.model.sources import head_dim
 from qlora_kit.modules.flash_attention import AttentionFromKept, flash_forward, sdpa_kernel, supported
 
 log = logging.getLogger(__name__)
@@ -181,9 +182,9 @@ class _KeptAttention:
 _kept_attention: ContextVar[_KeptAttention | None] = ContextVar("qlora_kit_kept_attention", default=None)
 
 
-def _flash_takes(module, query, key, value, attention_mask, dropout, scaling, is_causal, kwargs) -> bool:
+def _flash_takes(module, query, key, value, attention_mask, dropout, scaling, kwargs) -> bool:
     """Whether this sdpa call is plain causal attention that sdpa itself would run on the flash kernel."""
-    causal = is_causal is not False and getattr(module, "is_causal", True)
+    causal = kwargs.get("is_causal") is not False and getattr(module, "is_causal", True)
     changed = any(kwargs.get(k) is not None for k in ("position_bias", "softcap")) or kwargs.get("output_attentions")
     if not causal or changed or attention_mask is not None or dropout or not query.shape[2] == key.shape[2] > 1:
         return False
@@ -207,22 +208,18 @@ def _sdpa_dispatcher(original):
     @functools.wraps(original)
     def sdpa_attention_forward(module, query, key, value, attention_mask, dropout=0.0, scaling=None, **kwargs):
         kept = _kept_attention.get()
-        if kept is None:
-            return original(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs)
-        if kept.replaying:
+        if kept is not None and kept.replaying:
             entry = kept.next()
-            if entry is None:
-                return original(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs)
-            out, lse, state = entry
-            return AttentionFromKept.apply(query, key, value, out.take(), lse.take(), state, scaling), None
-        if not _flash_takes(
-            module, query, key, value, attention_mask, dropout, scaling, kwargs.get("is_causal"), kwargs
-        ):
-            kept.entries.append(None)
-            return original(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs)
-        out, lse, state = flash_forward(query, key, value, scaling)
-        kept.entries.append((_Offloaded(out, queued=False), _Offloaded(lse, queued=False), state))
-        return out, None
+            if entry is not None:
+                out, lse, state = entry
+                return AttentionFromKept.apply(query, key, value, out.take(), lse.take(), state, scaling), None
+        elif kept is not None:
+            if _flash_takes(module, query, key, value, attention_mask, dropout, scaling, kwargs):
+                out, lse, state = flash_forward(query, key, value, scaling)
+                kept.entries.append((_Offloaded(out, queued=False), _Offloaded(lse, queued=False), state))
+                return out, None
+            kept.entries.append(None)  # the recompute runs this call as the forward did
+        return original(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs)
 
     sdpa_attention_forward.original = original
     return sdpa_attention_forward
@@ -305,8 +302,7 @@ def checkpoint_host_bytes(config, layers: int, tokens: int, dtype: torch.dtype, 
     per_token = config.hidden_size * dtype.itemsize
     if keep_attention:
         heads = config.num_attention_heads
-        head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
-        per_token += heads * head_dim * dtype.itemsize + heads * 4
+        per_token += heads * head_dim(config) * dtype.itemsize + heads * 4
     return layers * tokens * per_token
 
 

@@ -133,6 +133,11 @@ def load_config(source: ModelSource):
         ) from e
 
 
+def head_dim(config) -> int:
+    """The attention head size of a transformers config (its ``head_dim``, or hidden size over heads)."""
+    return getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+
+
 def load_tokenizer(source: ModelSource):
     """The tokenizer (with its chat template); a pad token is set to EOS when the model has none."""
     from transformers import AutoTokenizer

@@ -152,8 +152,8 @@ def build_training_model(
         if t.offload_activations:
             try:
                 layers = use_offloaded_checkpointing(lm, keep_attention=not t.recompute_attention)
-            except ValueError as e:
-                raise RecipeError(f"training.recompute_attention: {e}") from None
+            except ValueError as e:  # e.g. uncheckpointed_layers covering every layer
+                raise RecipeError(f"training.offload_activations: {e}") from None
             _check_host_memory(recipe, lm.config, layers, compute_dtype, processes)
     if t.offload_embeddings:
         try:

@@ -60,6 +60,7 @@ from gguf import (
 from torch import Tensor
 
 from qlora_kit.errors import UserInputError
+from qlora_kit.model.sources import head_dim
 from qlora_kit.quant.gguf import quantize, quantized_nbytes
 from qlora_kit.quant.gguf_mix import FILE_TYPES, tensor_type
 
@@ -298,15 +299,12 @@ class GGUFExport:
         params.setdefault("rope_type", params.get("type", "default"))
         return params
 
-    def _head_dim(self) -> int:
-        return getattr(self.config, "head_dim", None) or self.config.hidden_size // self.config.num_attention_heads
-
     def _llama3_rope_factors(self) -> Tensor | None:
         """Llama 3.1's rope scaling as llama.cpp's per-frequency divisors (convert_hf_to_gguf's rope_freqs)."""
         rope = self._rope()
         if rope["rope_type"] != "llama3":
             return None
-        dim = self._head_dim()
+        dim = head_dim(self.config)
         freqs = 1.0 / (rope["rope_theta"] ** (torch.arange(0, dim, 2, dtype=torch.float32) / dim))
         factor = rope.get("factor", 8.0)
         low, high = rope.get("low_freq_factor", 1.0), rope.get("high_freq_factor", 4.0)
@@ -333,11 +331,11 @@ class GGUFExport:
         w.add_feed_forward_length(c.intermediate_size)
         w.add_head_count(c.num_attention_heads)
         w.add_head_count_kv(getattr(c, "num_key_value_heads", None) or c.num_attention_heads)
-        w.add_key_length(self._head_dim())
-        w.add_value_length(self._head_dim())
+        w.add_key_length(head_dim(self.config))
+        w.add_value_length(head_dim(self.config))
         w.add_layer_norm_rms_eps(c.rms_norm_eps)
         w.add_vocab_size(c.vocab_size)
-        w.add_rope_dimension_count(self._head_dim())
+        w.add_rope_dimension_count(head_dim(self.config))
         rope = self._rope()
         w.add_rope_freq_base(float(rope["rope_theta"]))
         if rope["rope_type"] == "linear":
