@@ -172,10 +172,10 @@ class _KeptAttention:
             for kept in entry[:2] if entry else ():
                 if kept.device.type == "cuda":
                     kept.prefetch()
-        self.replaying, self.entries = True, self.entries[::-1]
+        self.replaying = True
 
     def next(self) -> tuple[_Offloaded, _Offloaded, tuple] | None:
-        return self.entries.pop()
+        return self.entries.pop(0)
 
 
 # The kept attention of the checkpointed layer whose forward or recompute runs now; None elsewhere.
