@@ -354,21 +354,21 @@ def print_table(results: dict, args) -> None:
     cap = "no cap" if not args.cap_gb or args.dry_run else f"cap {args.cap_gb:g} GB"
     shape = "tiny (dry run)" if args.dry_run else args.shape
     print(f"\n{shape}, batch 1, LoRA r={args.rank}, {cap}, {' '.join(args.overrides) or 'recipes/bench.yaml'}")
-    speed = f"tokens/s @{args.speed_seq}"
-    print(f"{'side':14}{'longest seq':>12}{'peak GiB':>10}{'tokens/s':>10}{speed:>18}")
+    speed = f"tokens/s @{args.speed_seq}" if args.speed_seq else ""  # --speed-seq 0: no such column
+    print(f"{'side':14}{'longest seq':>12}{'peak GiB':>10}{'tokens/s':>10}{speed:>18}".rstrip())
     for side, summary in results["sides"].items():
         if "skipped" in summary:
             print(f"{side:14}skipped: {summary['skipped']}")
             continue
         trials, longest = results["trials"][side], summary["longest"]
         at_speed = trials.get(str(args.speed_seq), {})
-        speed_cell = f"{at_speed['tokens_per_s']:.0f}" if at_speed.get("fits") else "does not fit"
+        speed_cell = f"{at_speed['tokens_per_s']:.0f}" if at_speed.get("fits") else "does not fit" if speed else ""
         if longest == 0:
             shortest = trials[min(trials, key=int)]
             print(f"{side:14}{'none':>12}{'':>10}{'':>10}{speed_cell:>18}   ({shortest['error']})")
             continue
         best = trials[str(longest)]
-        print(f"{side:14}{longest:12d}{best['peak_gib']:10.2f}{best['tokens_per_s']:10.0f}{speed_cell:>18}")
+        print(f"{side:14}{longest:12d}{best['peak_gib']:10.2f}{best['tokens_per_s']:10.0f}{speed_cell:>18}".rstrip())
 
 
 def main() -> None:

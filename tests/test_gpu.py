@@ -169,9 +169,12 @@ def test_offloaded_checkpoints_on_copy_streams_give_the_same_gradients():
         assert torch.equal(grads_a[name], grads_b[name]), name
 
 
-def test_kept_attention_gives_the_recomputed_gradients(monkeypatch):
-    """recompute_attention=false on CUDA, sdpa held to the flash kernel (the one the kept path takes: on Hopper
-    sdpa would pick cuDNN and the lever would step aside): the loss and LoRA gradients of the recomputing run."""
+@pytest.mark.parametrize("backend", ["FLASH_ATTENTION", "sdpa's choice"])
+def test_kept_attention_gives_the_recomputed_gradients(monkeypatch, backend):
+    """recompute_attention=false on CUDA, sdpa held to the flash kernel or left to its own choice (cuDNN on
+    Hopper, which the kept path then runs too): the loss and LoRA gradients of the recomputing run."""
+    import contextlib
+
     from torch.nn.attention import SDPBackend, sdpa_kernel
     from transformers import LlamaConfig
 
@@ -190,13 +193,15 @@ def test_kept_attention_gives_the_recomputed_gradients(monkeypatch):
     )
     ids = torch.randint(0, 512, (2, 1024), device="cuda", generator=torch.Generator("cuda").manual_seed(0))
     offloaded = ["training.offload_activations=true"]
-    with sdpa_kernel(SDPBackend.FLASH_ATTENTION):
+    held = sdpa_kernel(getattr(SDPBackend, backend)) if backend != "sdpa's choice" else contextlib.nullcontext()
+    with held:
         loss_a, grads_a = _two_steps(config, ids, [*offloaded, "training.recompute_attention=true"])
         loss_b, grads_b = _two_steps(config, ids, [*offloaded, "training.recompute_attention=false"])
     assert len(kept_calls) == 2 * 4  # the kept run's two forwards, 4 layers each
-    assert torch.equal(loss_a, loss_b)  # the same kernel in the forward
+    # The same kernel in the forward; sdpa may call cuDNN's without the logsumexp, another kernel plan.
+    assert torch.allclose(loss_a, loss_b, rtol=1e-3, atol=0), (loss_a, loss_b)
     assert grads_a.keys() == grads_b.keys() and len(grads_a) == 4 * 7 * 2
     for name in grads_a:
-        # The same flash backward of the same O and L: equal up to its atomic adds' order.
+        # The same backward of the same O and L: equal up to its atomic adds' order.
         err = (grads_a[name] - grads_b[name]).norm() / grads_a[name].norm().clamp_min(1e-30)
         assert err < 1e-2, (name, err.item())

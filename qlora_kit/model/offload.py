@@ -183,7 +183,7 @@ _kept_attention: ContextVar[_KeptAttention | None] = ContextVar("qlora_kit_kept_
 
 
 def _flash_takes(module, query, key, value, attention_mask, dropout, scaling, kwargs) -> bool:
-    """Whether this sdpa call is plain causal attention that sdpa itself would run on the flash kernel."""
+    """Whether this sdpa call is plain causal attention that sdpa itself would run on a kernel the kept path runs."""
     causal = kwargs.get("is_causal") is not False and getattr(module, "is_causal", True)
     changed = any(kwargs.get(k) is not None for k in ("position_bias", "softcap")) or kwargs.get("output_attentions")
     if not causal or changed or attention_mask is not None or dropout or not query.shape[2] == key.shape[2] > 1:
@@ -191,8 +191,8 @@ def _flash_takes(module, query, key, value, attention_mask, dropout, scaling, kw
     if supported(query, key, value, scaling):
         return True
     _warn_once(
-        f"training.recompute_attention=false: sdpa runs {sdpa_kernel(query, key, value, scaling)} here, not the flash "
-        "kernel the kept attention output comes from; the checkpoints recompute attention as with true"
+        f"training.recompute_attention=false: sdpa runs {sdpa_kernel(query, key, value, scaling)} here, not a kernel "
+        "the kept attention output can come from (flash, cuDNN); the checkpoints recompute attention as with true"
     )
     return False
 

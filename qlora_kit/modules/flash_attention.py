@@ -13,9 +13,9 @@ The kernels are torch's own: flash (``aten._scaled_dot_product_flash_attention``
 twin) and cuDNN (``aten._scaled_dot_product_cudnn_attention``, CUDA). Training takes the kept path
 only where ``scaled_dot_product_attention`` would itself run one of :data:`TRAINING_KERNELS`
 (``torch._fused_sdp_choice``), so the lever never swaps in a slower kernel; elsewhere
-:func:`supported` says no and the caller recomputes as before. cuDNN, what sdpa runs on Hopper, is
-not among them yet: its kept backward disagreed with sdpa's in a first H200 run
-(``scripts/bench_attention.py`` checks both against a float64 reference). Layout as sdpa's:
+:func:`supported` says no and the caller recomputes as before (on Hopper sdpa runs cuDNN, so the
+kept path does too; ``scripts/bench_attention.py`` checks both kernels' kept backward against a
+float64 reference and times them against sdpa's three passes). Layout as sdpa's:
 q ``[batch, heads, seq, head_dim]``, k and v ``[batch, kv_heads, seq, head_dim]`` (grouped-query
 attention when kv_heads divides heads); O is returned as ``[batch, seq, heads, head_dim]``, what
 transformers' attention functions return.
@@ -43,7 +43,7 @@ def sdpa_kernel(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, sca
 
 
 # The kernels training keeps attention for (the sdpa choice they must match).
-TRAINING_KERNELS = ("flash_attention",)
+TRAINING_KERNELS = ("flash_attention", "cudnn_attention")
 
 
 def supported(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, scale: float | None) -> bool:
