@@ -65,6 +65,7 @@ OURS = {
     "ours": [],
     "ours-offload": ["training.offload_activations=true", "training.offload_embeddings=true"],
     "ours-ckpt-offload": ["training.offload_activations=true"],
+    "ours-ckpt-offload-attn": ["training.offload_activations=true", "training.recompute_attention=false"],
     "ours-fp8": ["training.fp8_base_matmul=true"],
     "ours-fp8-offload": ["training.fp8_base_matmul=true", "training.offload_activations=true"],
     "ours-fp8-backward": ["training.fp8_base_matmul=backward"],

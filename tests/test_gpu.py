@@ -169,6 +169,28 @@ def test_offloaded_checkpoints_on_copy_streams_give_the_same_gradients():
         assert torch.equal(grads_a[name], grads_b[name]), name
 
 
+@pytest.mark.parametrize("offload", ["false", "true"])
+def test_recompute_without_down_proj_gives_the_same_gradients(monkeypatch, offload):
+    """The recompute leaves each checkpointed layer's down_proj GEMM out (model/recompute.py): on CUDA, bf16
+    autocast, the loss and LoRA gradients of the same build whose recompute computes it."""
+    from transformers import LlamaConfig
+
+    from qlora_kit.pipelines import builder
+
+    config = LlamaConfig(
+        hidden_size=256, intermediate_size=512, num_hidden_layers=4, num_attention_heads=4, vocab_size=512
+    )
+    ids = torch.randint(0, 512, (2, 256), device="cuda", generator=torch.Generator("cuda").manual_seed(0))
+    overrides = [f"training.offload_activations={offload}", "training.fused_kernels=true"]
+    loss_a, grads_a = _two_steps(config, ids, overrides)
+    monkeypatch.setattr(builder, "skip_unread_outputs", lambda lm: 0)
+    loss_b, grads_b = _two_steps(config, ids, overrides)
+    assert torch.equal(loss_a, loss_b)
+    assert grads_a.keys() == grads_b.keys() and len(grads_a) == 4 * 7 * 2
+    for name in grads_a:
+        assert torch.equal(grads_a[name], grads_b[name]), name
+
+
 @pytest.mark.parametrize("backend", ["FLASH_ATTENTION", "sdpa's choice"])
 def test_kept_attention_gives_the_recomputed_gradients(monkeypatch, backend):
     """recompute_attention=false on CUDA, sdpa held to the flash kernel or left to its own choice (cuDNN on

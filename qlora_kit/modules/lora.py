@@ -13,7 +13,7 @@ import math
 import torch
 from torch import nn
 
-from qlora_kit.modules.nf4_linear import NF4Linear, base_matmul, base_matmul_grad_input
+from qlora_kit.modules.nf4_linear import NF4Linear, base_matmul, base_matmul_grad_input, output_unread
 
 
 def lora_scale(r: int, alpha: float, use_rslora: bool = False) -> float:
@@ -64,8 +64,11 @@ class NF4LoRALinear(LoRALinear):
     """LoRA on a frozen :class:`NF4Linear`, base and adapter in one autograd function (:class:`_LoRANF4MatMul`).
 
     The same adapters and initialisation as :class:`LoRALinear`; no dropout, whose mask
-    would need a pass over x of its own.
+    would need a pass over x of its own. Marked ``output_unread_in_recompute``, a checkpointed
+    layer's recompute leaves its output uncomputed (:func:`~qlora_kit.modules.nf4_linear.output_unread`).
     """
+
+    output_unread_in_recompute = False
 
     def __init__(self, base: NF4Linear, r: int, alpha: float, use_rslora: bool = False) -> None:
         if not isinstance(base, NF4Linear):
@@ -74,7 +77,8 @@ class NF4LoRALinear(LoRALinear):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = x.to(self.base.compute_dtype)
-        y = _LoRANF4MatMul.apply(x, self.lora_A.weight, self.lora_B.weight, self.base, self.scaling)
+        unread = output_unread(self)
+        y = _LoRANF4MatMul.apply(x, self.lora_A.weight, self.lora_B.weight, self.base, self.scaling, unread)
         return y if self.base.bias is None else y + self.base.bias
 
 
@@ -86,18 +90,22 @@ class _LoRANF4MatMul(torch.autograd.Function):
     the same for grad_x. Saved: x and t = x @ A^T (what plain LoRA's autograd saves too),
     A and B; the NF4 weight stays packed on ``ctx`` and is dequantized again in backward.
     With ``base.fp8`` the two base GEMMs run in e4m3 (:func:`~qlora_kit.modules.nf4_linear.base_matmul`).
+    ``unread``: y is left uncomputed (a recompute that only needs the graph); t and the backward are the same.
     """
 
     @staticmethod
     def forward(
-        ctx, x: torch.Tensor, lora_a: torch.Tensor, lora_b: torch.Tensor, base: NF4Linear, scaling: float
+        ctx, x: torch.Tensor, lora_a: torch.Tensor, lora_b: torch.Tensor, base: NF4Linear, scaling: float, unread: bool
     ) -> torch.Tensor:
         x2 = x.reshape(-1, x.shape[-1])
         a, b = lora_a.to(x.dtype), lora_b.to(x.dtype)
         t = x2 @ a.t()
-        # x itself, not x2: the FP8 path recognises the same tensor coming to q, k and v.
-        y = base_matmul(x, base).view(-1, base.out_features)
-        y.addmm_(t, b.t(), alpha=scaling)
+        if unread:
+            y = x2.new_empty(x2.shape[0], base.out_features)
+        else:
+            # x itself, not x2: the FP8 path recognises the same tensor coming to q, k and v.
+            y = base_matmul(x, base).view(-1, base.out_features)
+            y.addmm_(t, b.t(), alpha=scaling)
         ctx.base, ctx.scaling = base, scaling
         ctx.save_for_backward(x, t, lora_a, lora_b)
         return y.view(*x.shape[:-1], y.shape[-1])
@@ -113,4 +121,4 @@ class _LoRANF4MatMul(torch.autograd.Function):
         grad_x.addmm_(gb, a, alpha=ctx.scaling)
         grad_a = (gb.t() @ x2).mul_(ctx.scaling)
         grad_b = (g.t() @ t.to(g.dtype)).mul_(ctx.scaling)
-        return grad_x.view_as(x), grad_a.to(lora_a.dtype), grad_b.to(lora_b.dtype), None, None
+        return grad_x.view_as(x), grad_a.to(lora_a.dtype), grad_b.to(lora_b.dtype), None, None, None

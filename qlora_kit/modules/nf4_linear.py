@@ -33,6 +33,13 @@ def base_matmul_grad_input(grad_out: torch.Tensor, base: NF4Linear) -> torch.Ten
     return grad_out @ base.dequantized_weight(grad_out.dtype)
 
 
+def output_unread(module: nn.Module) -> bool:
+    """Whether this call of ``module`` may leave its output uncomputed: the module is marked
+    ``output_unread_in_recompute`` (``qlora_kit.model.recompute``) and runs in a checkpointed layer's
+    recompute, inside backward with gradients on, where only its autograd graph is used."""
+    return module.output_unread_in_recompute and torch.is_grad_enabled() and in_backward()
+
+
 class _NF4MatMul(torch.autograd.Function):
     """x @ W^T for a frozen NF4 weight.
 
@@ -40,19 +47,22 @@ class _NF4MatMul(torch.autograd.Function):
     full-precision copy per layer). Here the context keeps only the layer, and backward
     dequantizes its packed weight again: grad_x = grad_y @ W.
     The layer sits on ``ctx`` rather than in ``save_for_backward`` so that
-    activation-offloading hooks never copy its weight.
+    activation-offloading hooks never copy its weight. ``unread``: the output is left
+    uncomputed (:func:`output_unread`); the backward is the same.
     """
 
     @staticmethod
-    def forward(ctx, x: torch.Tensor, base: NF4Linear) -> torch.Tensor:
+    def forward(ctx, x: torch.Tensor, base: NF4Linear, unread: bool) -> torch.Tensor:
         ctx.base = base
+        if unread:
+            return x.new_empty(*x.shape[:-1], base.out_features)
         # x itself, not a reshaped view: the FP8 path recognises the same tensor coming to q, k and v.
         return base_matmul(x, base)
 
     @staticmethod
     def backward(ctx, grad_out: torch.Tensor):
         g = grad_out.reshape(-1, grad_out.shape[-1])
-        return base_matmul_grad_input(g, ctx.base).view(*grad_out.shape[:-1], ctx.base.in_features), None
+        return base_matmul_grad_input(g, ctx.base).view(*grad_out.shape[:-1], ctx.base.in_features), None, None
 
 
 class NF4Linear(nn.Module):
@@ -77,6 +87,7 @@ class NF4Linear(nn.Module):
 
     fp8 = False
     fp8_forward = True
+    output_unread_in_recompute = False
 
     def __init__(
         self,
@@ -169,7 +180,7 @@ class NF4Linear(nn.Module):
         return codes, self.fp8_scale[: codes.shape[0]].view(1, -1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = _NF4MatMul.apply(x.to(self.compute_dtype), self)
+        y = _NF4MatMul.apply(x.to(self.compute_dtype), self, output_unread(self))
         return y if self.bias is None else y + self.bias
 
     def extra_repr(self) -> str:

@@ -6,7 +6,8 @@
       -> fused ops, or the plain PyTorch path (training.fused_kernels)
       -> the base GEMMs in FP8 (training.fp8_base_matmul)
       -> the MLPs in chunks of tokens (training.mlp_chunk_tokens)
-      -> gradient checkpointing, uncheckpointed layers, offloaded checkpoints (and attention outputs), embeddings
+      -> gradient checkpointing, uncheckpointed layers, what the recompute leaves out (fused path),
+         offloaded checkpoints (and attention outputs), embeddings
       -> optimizer inside backward, offloaded adapters (training.optimizer_in_backward, offload_adapters)
       -> SFTModel (the SFT loss) or PreferenceModel (DPO/ORPO log-probs: training.method), sharded under FSDP
 
@@ -37,6 +38,7 @@ from qlora_kit.model.offload import (
     offload_embeddings,
     use_offloaded_checkpointing,
 )
+from qlora_kit.model.recompute import skip_unread_outputs
 from qlora_kit.model.sft import SFTModel
 from qlora_kit.model.sources import ModelSource
 from qlora_kit.modules.fake_quant import FakeQuantConfig
@@ -149,6 +151,8 @@ def build_training_model(
         enable_checkpointing(lm)
         for layer in lm.model.layers[max(len(lm.model.layers) - t.uncheckpointed_layers, 0) :]:
             layer.gradient_checkpointing = False
+        if t.fused_kernels:
+            skip_unread_outputs(lm)
         if t.offload_activations:
             try:
                 layers = use_offloaded_checkpointing(lm, keep_attention=not t.recompute_attention)

@@ -1,0 +1,80 @@
+"""A checkpointed layer's recompute leaves out the outputs nothing reads (qlora_kit/model/recompute.py)."""
+
+import pytest
+import torch
+
+from qlora_kit.model.plans import LLAMA, AWQGroup, LayerPlan
+from qlora_kit.modules import lora, nf4_linear
+
+
+def _marked(lm) -> list[str]:
+    return [name for name, m in lm.named_modules() if getattr(m, "output_unread_in_recompute", False)]
+
+
+def _step(built, ids, monkeypatch):
+    """Loss and LoRA gradients of one forward and backward; the base GEMMs that ran, by NF4 layer name."""
+    names = {m: n for n, m in built.lm.named_modules() if isinstance(m, nf4_linear.NF4Linear)}
+    ran = []
+    original = nf4_linear.base_matmul
+    for module in (lora, nf4_linear):
+        monkeypatch.setattr(module, "base_matmul", lambda x, base: ran.append(names[base]) or original(x, base))
+    built.model.zero_grad(set_to_none=True)
+    loss = built.model(input_ids=ids, labels=ids)["loss"]
+    loss.backward()
+    monkeypatch.undo()
+    grads = {n: p.grad.clone() for n, p in built.lm.named_parameters() if p.grad is not None}
+    return loss.detach(), grads, ran
+
+
+@pytest.mark.parametrize(
+    "overrides",
+    [
+        (),
+        ("training.offload_activations=true",),
+        ("training.mlp_chunk_tokens=24",),  # the tiled MLP: chunks of 24 of 2 x 40 tokens
+        # down_proj a bare NF4Linear; offloaded: torch's own checkpoint stops its recompute at the last
+        # saved tensor, before a down_proj that saves none, while the offloaded one runs the whole layer.
+        ("lora.target_modules=[q_proj,v_proj]", "training.offload_activations=true"),
+    ],
+    ids=["checkpointed", "offloaded", "tiled-mlp", "no-lora-on-down"],
+)
+def test_recompute_skips_down_proj_with_the_same_gradients(
+    tmp_path, tiny_model_dir, task_files, built_model, monkeypatch, overrides
+):
+    """Each checkpointed layer's down_proj GEMM runs once a step (the forward), not twice, and the loss
+    and every LoRA gradient are bit for bit those of the recompute that computes it."""
+    built = built_model(tmp_path, tiny_model_dir, task_files, *overrides)
+    ids = torch.randint(0, 1000, (2, 40), generator=torch.Generator().manual_seed(0))
+    marked = _marked(built.lm)
+    assert marked == [f"model.layers.{i}.mlp.down_proj" for i in range(2)]
+    loss, grads, ran = _step(built, ids, monkeypatch)
+    for name in marked:
+        built.lm.get_submodule(name).output_unread_in_recompute = False
+    loss_full, grads_full, ran_full = _step(built, ids, monkeypatch)
+    down = [n for n in ran if "down_proj" in n]
+    down_full = [n for n in ran_full if "down_proj" in n]
+    tiled = "training.mlp_chunk_tokens=24" in overrides
+    chunks = 4 if tiled else 1  # 80 tokens in chunks of 24
+    # Forward, recompute, and the tiled MLP's own per-chunk recompute in backward.
+    assert len(down_full) == 2 * chunks * (3 if tiled else 2)
+    assert len(down) == 2 * chunks * (2 if tiled else 1)
+    assert sorted(n for n in ran if "down_proj" not in n) == sorted(n for n in ran_full if "down_proj" not in n)
+    assert torch.equal(loss, loss_full)
+    assert grads.keys() == grads_full.keys() and grads
+    for name in grads:
+        assert torch.equal(grads[name], grads_full[name]), name
+
+
+def test_uncheckpointed_layers_and_the_plain_path_are_not_marked(tmp_path, tiny_model_dir, task_files, built_model):
+    built = built_model(tmp_path / "a", tiny_model_dir, task_files, "training.uncheckpointed_layers=1")
+    assert _marked(built.lm) == ["model.layers.0.mlp.down_proj"]
+    built = built_model(tmp_path / "b", tiny_model_dir, task_files, "training.fused_kernels=false")
+    assert _marked(built.lm) == []
+    built = built_model(tmp_path / "c", tiny_model_dir, task_files, "training.gradient_checkpointing=false")
+    assert _marked(built.lm) == []
+
+
+def test_an_unread_linear_outside_the_layer_is_refused():
+    with pytest.raises(ValueError, match="recompute_unread"):
+        LayerPlan(LLAMA.gptq_sequence, LLAMA.awq_groups, recompute_unread=("mlp.out_proj",))
+    assert LayerPlan((("a",),), (AWQGroup("norm", ("a",), "a"),), recompute_unread=("a",)).recompute_unread == ("a",)
