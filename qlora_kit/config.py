@@ -141,6 +141,11 @@ class TrainingSection:
     save_total_limit: int = 3
     resume: bool = False
 
+    @property
+    def sequences_per_row(self) -> int:
+        """Sequences a batch row holds: 1 for SFT, 2 for a preference pair (chosen and rejected)."""
+        return 1 if self.method == "sft" else 2
+
 
 @dataclass
 class PreferenceSection:

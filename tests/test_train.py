@@ -27,17 +27,24 @@ ROOT = Path(__file__).resolve().parent.parent
 
 
 @pytest.mark.parametrize(
-    "seq, batch, per_row, rows",
-    [(128, 8, 1, 32), (2048, 4, 1, 8), (8192, 4, 1, 4), (131072, 1, 1, 1), (128, 4, 2, 32), (1024, 2, 2, 8)],
+    "seq, batch, method, rows",
+    [
+        (128, 8, "sft", 32),
+        (2048, 4, "sft", 8),
+        (8192, 4, "sft", 4),
+        (131072, 1, "sft", 1),
+        (128, 4, "dpo", 32),
+        (1024, 2, "dpo", 8),  # two sequences a row: 8 x 2 x 1024 = 16,384 tokens
+        (1024, 2, "orpo", 8),
+    ],
 )
-def test_passes_without_gradients_take_up_to_32_rows_and_16384_tokens(tmp_path, seq, batch, per_row, rows):
+def test_passes_without_gradients_take_up_to_32_rows_and_16384_tokens(tmp_path, seq, batch, method, rows):
     """Validation (and DPO's reference pass) at long context: the training batch, not 32 rows of it."""
-    keys = [f"data.max_seq_len={seq}", f"training.batch_size={batch}", f"output.dir={tmp_path}"]
-    recipe = load_recipe(ROOT / "recipes" / "bench.yaml", keys)
-    assert eval_batch_size(recipe, per_row) == rows
-    if per_row == 1:
-        args = training_arguments(recipe, torch.device("cpu"), torch.float32, has_validation=True)
-        assert args.per_device_eval_batch_size == rows
+    keys = [f"data.max_seq_len={seq}", f"training.batch_size={batch}", f"training.method={method}"]
+    recipe = load_recipe(ROOT / "recipes" / "bench.yaml", [*keys, f"output.dir={tmp_path}"])
+    assert eval_batch_size(recipe) == rows
+    args = training_arguments(recipe, torch.device("cpu"), torch.float32, has_validation=True)
+    assert args.per_device_eval_batch_size == rows
 
 
 @pytest.mark.slow

@@ -208,7 +208,7 @@ def _check_host_memory(recipe: Recipe, config, layers: int, dtype: torch.dtype, 
     """Refuse offloaded checkpoints the host's CPU memory cannot hold at the longest batch, before training:
     the alternative is the kernel killing the process mid-step (pinned memory cannot be swapped)."""
     t = recipe.training
-    rows = t.batch_size * (1 if t.method == "sft" else 2)  # preference rows: chosen and rejected
+    rows = t.batch_size * t.sequences_per_row
     need = checkpoint_host_bytes(config, layers, rows * recipe.data.max_seq_len, dtype, not t.recompute_attention)
     need *= min(processes, int(os.environ.get("LOCAL_WORLD_SIZE", processes)))  # the processes sharing this host
     available = host_memory_available()

@@ -329,7 +329,7 @@ def train_preference(recipe: Recipe) -> dict:
             load_adapter_weights(lm, p.init_adapter)
         log.info("the adapter starts from %s", p.init_adapter)
     collator = preference_collator(tokenizer)
-    eval_batch = eval_batch_size(recipe, sequences_per_row=2)
+    eval_batch = eval_batch_size(recipe)
     reference = p.reference_adapter or "the base with the adapters off"
     if method == "dpo" and (p.precompute_reference or p.reference_adapter):
         log.info("reference: %s; its log-probabilities computed once, before training", reference)

@@ -147,10 +147,10 @@ MAX_EVAL_ROWS = 32
 MAX_EVAL_TOKENS = 16384
 
 
-def eval_batch_size(recipe: Recipe, sequences_per_row: int = 1) -> int:
-    """Rows per batch of a pass without gradients: up to 32 rows and 16,384 tokens, never fewer than
-    training.batch_size. ``sequences_per_row``: 2 for preference pairs (chosen and rejected)."""
-    tokens_per_row = recipe.data.max_seq_len * sequences_per_row
+def eval_batch_size(recipe: Recipe) -> int:
+    """Rows per batch of a pass without gradients: up to 32 rows and 16,384 tokens (a preference row
+    holds two sequences), never fewer than training.batch_size."""
+    tokens_per_row = recipe.data.max_seq_len * recipe.training.sequences_per_row
     return max(recipe.training.batch_size, min(MAX_EVAL_ROWS, MAX_EVAL_TOKENS // tokens_per_row))
 
 
