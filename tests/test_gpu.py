@@ -153,42 +153,38 @@ def _two_steps(config, ids, overrides: list[str]) -> tuple[torch.Tensor, dict[st
     return loss.detach(), {n: p.grad.float() for n, p in model.named_parameters() if p.requires_grad}
 
 
-def test_offloaded_checkpoints_on_copy_streams_give_the_same_gradients():
-    """Checkpoint inputs go to CPU memory and come back on their own streams: same loss and LoRA gradients."""
+def _equal_runs(layers: int, overrides_a: list[str], overrides_b: list[str], between=lambda: None) -> None:
+    """Two builds of a small random Llama (``layers`` layers) train two steps each on the same tokens
+    (``between`` runs in between): the same loss and LoRA gradients, bit for bit."""
     from transformers import LlamaConfig
 
     config = LlamaConfig(
-        hidden_size=256, intermediate_size=512, num_hidden_layers=6, num_attention_heads=4, vocab_size=512
+        hidden_size=256, intermediate_size=512, num_hidden_layers=layers, num_attention_heads=4, vocab_size=512
     )
     ids = torch.randint(0, 512, (2, 256), device="cuda", generator=torch.Generator("cuda").manual_seed(0))
-    loss_a, grads_a = _two_steps(config, ids, ["training.offload_activations=false", "training.fused_kernels=true"])
-    loss_b, grads_b = _two_steps(config, ids, ["training.offload_activations=true", "training.fused_kernels=true"])
+    loss_a, grads_a = _two_steps(config, ids, overrides_a)
+    between()
+    loss_b, grads_b = _two_steps(config, ids, overrides_b)
     assert torch.equal(loss_a, loss_b)
-    assert grads_a.keys() == grads_b.keys() and len(grads_a) == 6 * 7 * 2
+    assert grads_a.keys() == grads_b.keys() and len(grads_a) == layers * 7 * 2
     for name in grads_a:
         assert torch.equal(grads_a[name], grads_b[name]), name
+
+
+def test_offloaded_checkpoints_on_copy_streams_give_the_same_gradients():
+    """Checkpoint inputs go to CPU memory and come back on their own streams: same loss and LoRA gradients."""
+    fused = "training.fused_kernels=true"
+    _equal_runs(6, ["training.offload_activations=false", fused], ["training.offload_activations=true", fused])
 
 
 @pytest.mark.parametrize("offload", ["false", "true"])
 def test_recompute_without_down_proj_gives_the_same_gradients(monkeypatch, offload):
     """The recompute leaves each checkpointed layer's down_proj GEMM out (model/recompute.py): on CUDA, bf16
     autocast, the loss and LoRA gradients of the same build whose recompute computes it."""
-    from transformers import LlamaConfig
-
     from qlora_kit.pipelines import builder
 
-    config = LlamaConfig(
-        hidden_size=256, intermediate_size=512, num_hidden_layers=4, num_attention_heads=4, vocab_size=512
-    )
-    ids = torch.randint(0, 512, (2, 256), device="cuda", generator=torch.Generator("cuda").manual_seed(0))
     overrides = [f"training.offload_activations={offload}", "training.fused_kernels=true"]
-    loss_a, grads_a = _two_steps(config, ids, overrides)
-    monkeypatch.setattr(builder, "skip_unread_outputs", lambda lm: 0)
-    loss_b, grads_b = _two_steps(config, ids, overrides)
-    assert torch.equal(loss_a, loss_b)
-    assert grads_a.keys() == grads_b.keys() and len(grads_a) == 4 * 7 * 2
-    for name in grads_a:
-        assert torch.equal(grads_a[name], grads_b[name]), name
+    _equal_runs(4, overrides, overrides, lambda: monkeypatch.setattr(builder, "skip_unread_outputs", lambda lm: 0))
 
 
 @pytest.mark.parametrize("backend", ["FLASH_ATTENTION", "sdpa's choice"])
