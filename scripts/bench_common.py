@@ -1,4 +1,4 @@
-"""What the GPU benchmarks share: the recipe they train and the model it builds.
+"""What the GPU benchmarks share: the recipe they train, the model it builds, a profiled step's timeline.
 
 A benchmark's "ours" side is recipes/bench.yaml plus key=value overrides, built by
 qlora_kit.pipelines.builder.build_training_model, the function train() uses, so its numbers
@@ -44,3 +44,36 @@ def make_optimizer(built: TrainingModel, recipe: Recipe, sharded: bool = False) 
     t = recipe.training
     cls = optimizer_class(optimizer_name(t.optimizer, params[0].device, sharded))
     return cls(params, lr=t.learning_rate, weight_decay=t.weight_decay)
+
+
+def busy_time(intervals: list[tuple[float, float]]) -> float:
+    """The length of the union of ``(start, end)`` intervals (kernels that overlap count once)."""
+    busy, reach = 0.0, float("-inf")
+    for start, end in sorted(intervals):
+        if end > reach:
+            busy += end - max(start, reach)
+            reach = end
+    return busy
+
+
+def gpu_timeline(events) -> str:
+    """Lines on a profiled step's CUDA kernels (``torch.profiler``'s ``prof.events()``): per stream and
+    for the GPU as a whole, how long kernels ran against the span from the first kernel to the last. A
+    compute stream idle for much of the span points at the host (launches, syncs), not at the kernels."""
+    from torch.autograd import DeviceType
+
+    kernels = [e for e in events if e.device_type == DeviceType.CUDA]
+    if not kernels:
+        return "no CUDA kernels recorded"
+    span = max(e.time_range.end for e in kernels) - min(e.time_range.start for e in kernels)
+    streams: dict[int, list[tuple[float, float]]] = {}
+    for e in kernels:
+        streams.setdefault(e.device_resource_id, []).append((e.time_range.start, e.time_range.end))
+    everything = [interval for intervals in streams.values() for interval in intervals]
+    lines = [
+        f"kernels from first to last: {span / 1e3:.1f} ms; some kernel running: {busy_time(everything) / span:.0%}"
+    ]
+    for stream, intervals in sorted(streams.items(), key=lambda kv: -busy_time(kv[1])):
+        busy = busy_time(intervals)
+        lines.append(f"  stream {stream}: {len(intervals)} kernels, busy {busy / 1e3:.1f} ms ({busy / span:.0%})")
+    return "\n".join(lines)

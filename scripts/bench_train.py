@@ -372,9 +372,11 @@ def run_side(side: str, config, args, device: torch.device) -> dict:
         with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
             train_step(batches[-1])
             _sync(device)
+        from bench_common import gpu_timeline
+
         table = prof.key_averages().table(sort_by="cuda_time_total", row_limit=40, max_name_column_width=70)
         with open(f"{args.profile}.{side}.txt", "w") as f:
-            f.write(table)
+            f.write(f"{gpu_timeline(prof.events())}\n\n{table}")
     if args.memory_snapshot:
         torch.cuda.memory._record_memory_history(max_entries=1_000_000)
         train_step(batches[-1])
@@ -528,7 +530,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="comma-separated training.seed values: each ours side runs once per seed (SIDE@SEED), and the "
         "loss curves are compared seed to seed (bf16's run-to-run spread) and side to ours at the same seed",
     )
-    parser.add_argument("--profile", help="write a torch.profiler table of one timed step to this file")
+    parser.add_argument(
+        "--profile", help="write one step's kernel busy time per stream and its torch.profiler table to FILE.SIDE.txt"
+    )
     parser.add_argument(
         "--memory-snapshot",
         help="CUDA: record the allocator's history over one more step and write what is alive at its peak, "

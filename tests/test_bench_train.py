@@ -86,3 +86,37 @@ def test_memory_peak_report_lists_what_is_alive_at_the_peak_by_origin():
     assert report[0].startswith("allocated during the step, at its peak: 4.00 GiB in 3 blocks")
     assert report[1].split() == ["3.000", "GiB", "2", "blocks", "tiled_mlp.py:80", "forward"]
     assert report[2].split() == ["1.000", "GiB", "1", "blocks", "llama.py:5", "attn"]
+
+
+def test_gpu_timeline_counts_overlapping_kernels_once():
+    """A profiled step's kernel time per stream and overall: the union of the kernels' intervals."""
+    from types import SimpleNamespace
+
+    from torch.autograd import DeviceType
+
+    sys.path.insert(0, str(REPO / "scripts"))
+    try:
+        from bench_common import busy_time, gpu_timeline
+    finally:
+        sys.path.remove(str(REPO / "scripts"))
+
+    assert busy_time([(20, 30), (0, 10), (5, 15), (6, 7)]) == 25
+    assert busy_time([]) == 0
+
+    def kernel(stream, start, end, device=DeviceType.CUDA):
+        return SimpleNamespace(
+            device_type=device, device_resource_id=stream, time_range=SimpleNamespace(start=start, end=end)
+        )
+
+    events = [
+        kernel(7, 0, 10_000),
+        kernel(7, 5_000, 15_000),
+        kernel(9, 12_000, 40_000),
+        kernel(0, 0, 90_000, DeviceType.CPU),
+    ]
+    assert gpu_timeline(events).splitlines() == [
+        "kernels from first to last: 40.0 ms; some kernel running: 100%",
+        "  stream 9: 1 kernels, busy 28.0 ms (70%)",
+        "  stream 7: 2 kernels, busy 15.0 ms (38%)",
+    ]
+    assert gpu_timeline(events[-1:]) == "no CUDA kernels recorded"
