@@ -21,14 +21,13 @@ from __future__ import annotations
 
 import logging
 from collections import defaultdict
-from pathlib import Path
 
 import torch
 from torch import nn
 from tqdm.auto import tqdm
 
 from qlora_kit.compat import dpo_loss_step, orpo_odds_ratio_loss
-from qlora_kit.config import Recipe, RecipeError, save_recipe
+from qlora_kit.config import Recipe, RecipeError
 from qlora_kit.model.adapters import (
     AdapterError,
     load_adapter_weights,
@@ -36,25 +35,19 @@ from qlora_kit.model.adapters import (
     read_adapter_config,
     set_lora_weights,
 )
-from qlora_kit.model.fsdp import fsdp_plugin_from_launch, full_tensor, is_sharded
-from qlora_kit.model.load import check_supported
+from qlora_kit.model.fsdp import full_tensor, is_sharded
 from qlora_kit.model.preference import PreferenceModel
-from qlora_kit.model.sources import load_config, load_tokenizer, resolve_source
-from qlora_kit.pipelines.builder import build_training_model
-from qlora_kit.pipelines.evaluate import ExactMatchResult, generation_budget
-from qlora_kit.pipelines.matching import check_references
+from qlora_kit.pipelines.evaluate import ExactMatchResult
 from qlora_kit.pipelines.optim import full_precision_adapters
 from qlora_kit.pipelines.train import (
-    RECIPE_FILE,
-    _evaluated_test,
     _trainer_class,
+    build_run_model,
     eval_batch_size,
     evaluate,
-    format_metrics,
-    prepare_output_dir,
-    save_run,
+    finish_run,
+    plan_test,
+    start_run,
     training_arguments,
-    training_steps,
 )
 from qlora_kit.preference_data import build_preference_datasets, preference_collator
 
@@ -284,20 +277,10 @@ def _preference_trainer_class():
 
 def train_preference(recipe: Recipe) -> dict:
     """Run a DPO or ORPO recipe end to end; returns the before/after metrics (also in ``metrics.json``)."""
-    from accelerate import PartialState
-
-    state = PartialState(cpu=not torch.cuda.is_available())
-    fsdp = fsdp_plugin_from_launch()
     p, method = recipe.preference, recipe.training.method
     check_adapters(recipe)
-    resume_from = prepare_output_dir(recipe)
-    out = Path(recipe.output.dir)
-    if state.is_main_process:
-        save_recipe(recipe, out / RECIPE_FILE)
-
-    source = resolve_source(recipe.model.name_or_path, recipe.model.gguf_file)
-    check_supported(load_config(source))
-    tokenizer = load_tokenizer(source)
+    run = start_run(recipe)
+    tokenizer, device = run.tokenizer, run.state.device
     data = build_preference_datasets(recipe.data, tokenizer, recipe.training.seed, p.max_prompt_len)
     log.info(
         "data: %d training pairs, %s validation pairs, %s test examples, %d skipped, %d dropped",
@@ -307,22 +290,8 @@ def train_preference(recipe: Recipe) -> dict:
         data.skipped,
         data.dropped,
     )
-    test = _evaluated_test(data, recipe)
-    max_new_tokens = None
-    if test:
-        check_references(recipe.eval.match, test)
-        max_new_tokens = generation_budget(tokenizer, test, recipe.eval.max_new_tokens)
-
-    device = state.device
-    built = build_training_model(
-        recipe,
-        device,
-        source=source,
-        total_steps=training_steps(recipe, len(data.train), state.num_processes),
-        processes=state.num_processes,
-        fsdp=fsdp,
-        progress=state.is_main_process,
-    )
+    test = plan_test(data, recipe, tokenizer)
+    built = build_run_model(run, recipe, len(data.train))
     model, lm = built.model, built.lm
     if p.init_adapter:
         with full_precision_adapters(lm):
@@ -349,7 +318,7 @@ def train_preference(recipe: Recipe) -> dict:
             built.compute_dtype,
             data.validation is not None,
             eval_on_start=False,  # the validation numbers before training: measure() below
-            sharded=fsdp is not None,
+            sharded=run.fsdp is not None,
         ),
         train_dataset=data.train,
         eval_dataset=data.validation,
@@ -365,32 +334,17 @@ def train_preference(recipe: Recipe) -> dict:
 
     def measure() -> tuple[dict, ExactMatchResult | None]:
         metrics = preference_metrics(trainer, data.validation, eval_batch) if data.validation is not None else {}
-        more, result = evaluate(trainer, lm, tokenizer, data, recipe, max_new_tokens, validation=False)
+        more, result = evaluate(trainer, lm, tokenizer, data, recipe, test.max_new_tokens, validation=False)
         return {**metrics, **more}, result
 
-    before, before_test = measure() if resume_from is None else ({}, None)
-    trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
+    before, before_test = measure() if run.resume_from is None else ({}, None)
+    trainer.train(resume_from_checkpoint=str(run.resume_from) if run.resume_from else None)
     after, after_test = measure()
 
     metrics = {"method": method, "before": before, "after": after, "train_steps": trainer.state.global_step}
-    save_run(
-        state,
-        out,
-        lm,
-        tokenizer,
-        trainer,
-        built.adapter_config,
-        metrics,
-        test,
-        max_new_tokens,
-        recipe,
-        before_test,
-        after_test,
+    return finish_run(
+        run, recipe, trainer, built, metrics, test, (before_test, after_test), preference_rows(method), width=24
     )
-    if state.is_main_process:
-        print(format_metrics(metrics, out, after_test, preference_rows(method), width=24))
-    state.wait_for_everyone()
-    return metrics
 
 
 def preference_rows(method: str) -> tuple:

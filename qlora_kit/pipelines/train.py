@@ -18,7 +18,9 @@ import pickle
 import shutil
 from collections.abc import Iterator
 from contextlib import contextmanager, nullcontext
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -39,9 +41,9 @@ from qlora_kit.model.fsdp import (
     shard_optimizer_state,
 )
 from qlora_kit.model.load import check_supported
-from qlora_kit.model.sources import load_config, load_tokenizer, resolve_source
+from qlora_kit.model.sources import ModelSource, load_config, load_tokenizer, resolve_source
 from qlora_kit.modules.qat_lora import cached_qat_weights
-from qlora_kit.pipelines.builder import build_training_model
+from qlora_kit.pipelines.builder import TrainingModel, build_training_model
 from qlora_kit.pipelines.evaluate import (
     GENERATIONS_FILE,
     ExactMatchResult,
@@ -59,6 +61,8 @@ METRICS_FILE = "metrics.json"
 LOSS_CURVE = "loss_curve.png"
 _CHECKPOINT_PREFIX = "checkpoint-"
 _TRAINER_STATE = "trainer_state.json"  # the Trainer writes it last into a checkpoint
+# The rows of an SFT run's before/after table: (label, metric key, format).
+SFT_ROWS = (("validation loss", "val_loss", "{:.4f}"),)
 
 
 class OutputDirError(UserInputError):
@@ -332,27 +336,13 @@ def save_loss_curve(log_history: list[dict], path: Path) -> None:
 
 def train(recipe: Recipe) -> dict:
     """Run a recipe end to end; returns the before/after metrics (also in ``metrics.json``)."""
-    from accelerate import PartialState
-
     if recipe.training.method != "sft":  # DPO, ORPO
         from qlora_kit.pipelines.preference import train_preference  # it builds on this module
 
         return train_preference(recipe)
 
-    # Without CUDA, processes launched together form a gloo group (accelerate's FSDP launcher,
-    # unlike its others, does not pass use_cpu on to them).
-    state = PartialState(cpu=not torch.cuda.is_available())
-    fsdp = fsdp_plugin_from_launch()
-    sharded = fsdp is not None
-    resume_from = prepare_output_dir(recipe)
-    out = Path(recipe.output.dir)
-    if state.is_main_process:
-        save_recipe(recipe, out / RECIPE_FILE)
-
-    source = resolve_source(recipe.model.name_or_path, recipe.model.gguf_file)
-    check_supported(load_config(source))  # before the data is tokenized
-    tokenizer = load_tokenizer(source)
-    data = build_datasets(recipe.data, tokenizer, recipe.training.seed)
+    run = start_run(recipe)
+    data = build_datasets(recipe.data, run.tokenizer, recipe.training.seed)
     log.info(
         "data: %d training rows, %s validation rows, %s test examples, %d skipped",
         len(data.train),
@@ -360,110 +350,140 @@ def train(recipe: Recipe) -> dict:
         len(data.test or []),
         data.skipped,
     )
-    test = _evaluated_test(data, recipe)
-    max_new_tokens = None
-    if test:  # checked and sized before the model loads
-        check_references(recipe.eval.match, test)
-        max_new_tokens = generation_budget(tokenizer, test, recipe.eval.max_new_tokens)
-
-    device = state.device
-    built = build_training_model(
-        recipe,
-        device,
-        source=source,
-        total_steps=training_steps(recipe, len(data.train), state.num_processes),
-        processes=state.num_processes,
-        fsdp=fsdp,
-        progress=state.is_main_process,
-    )
-    lm, compute_dtype, adapter_config = built.lm, built.compute_dtype, built.adapter_config
+    test = plan_test(data, recipe, run.tokenizer)
+    built = build_run_model(run, recipe, len(data.train))
+    lm = built.lm
     trainer = _trainer_class()(
         model=built.model,
         args=training_arguments(
             recipe,
-            device,
-            compute_dtype,
+            run.state.device,
+            built.compute_dtype,
             data.validation is not None,
-            eval_on_start=resume_from is None,
-            sharded=sharded,
+            eval_on_start=run.resume_from is None,
+            sharded=run.fsdp is not None,
         ),
         train_dataset=data.train,
         eval_dataset=data.validation,
-        data_collator=DataCollator(tokenizer),
-        processing_class=tokenizer,
+        data_collator=DataCollator(run.tokenizer),
+        processing_class=run.tokenizer,
         callbacks=built.callbacks,
         optimizers=built.optimizers,
-        adapter_config=adapter_config,
+        adapter_config=built.adapter_config,
     )
 
     # The validation loss before training comes from the Trainer's eval_on_start: under FSDP
     # the Trainer can evaluate only once it has prepared the model and the optimizer together.
     before, before_test = {}, None
-    if resume_from is None:
-        before, before_test = evaluate(trainer, lm, tokenizer, data, recipe, max_new_tokens, validation=False)
-    trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
-    if resume_from is None and data.validation is not None:
+    if run.resume_from is None:
+        before, before_test = evaluate(trainer, lm, run.tokenizer, data, recipe, test.max_new_tokens, validation=False)
+    trainer.train(resume_from_checkpoint=str(run.resume_from) if run.resume_from else None)
+    if run.resume_from is None and data.validation is not None:
         before["val_loss"] = next(e["eval_loss"] for e in trainer.state.log_history if "eval_loss" in e)
-    after, after_test = evaluate(trainer, lm, tokenizer, data, recipe, max_new_tokens)
+    after, after_test = evaluate(trainer, lm, run.tokenizer, data, recipe, test.max_new_tokens)
 
     metrics = {"before": before, "after": after, "train_steps": trainer.state.global_step}
-    save_run(
-        state,
-        out,
-        lm,
-        tokenizer,
-        trainer,
-        adapter_config,
-        metrics,
-        test,
-        max_new_tokens,
-        recipe,
-        before_test,
-        after_test,
-    )
+    return finish_run(run, recipe, trainer, built, metrics, test, (before_test, after_test))
+
+
+@dataclass
+class Run:
+    """A training run's process state and what it reads and writes (:func:`start_run`)."""
+
+    state: Any  # accelerate's PartialState
+    fsdp: Any  # accelerate's FSDP plugin when launched with one, else None
+    out: Path
+    resume_from: Path | None  # the checkpoint to resume from
+    source: ModelSource
+    tokenizer: Any
+
+
+def start_run(recipe: Recipe) -> Run:
+    """What a run (SFT or preference) does before its data: join the launched processes, check the output
+    directory (and find the checkpoint to resume from), save the recipe there, resolve the model."""
+    from accelerate import PartialState
+
+    # Without CUDA, processes launched together form a gloo group (accelerate's FSDP launcher,
+    # unlike its others, does not pass use_cpu on to them).
+    state = PartialState(cpu=not torch.cuda.is_available())
+    fsdp = fsdp_plugin_from_launch()
+    resume_from = prepare_output_dir(recipe)
+    out = Path(recipe.output.dir)
     if state.is_main_process:
-        print(format_metrics(metrics, out, after_test))
-    state.wait_for_everyone()
-    return metrics
+        save_recipe(recipe, out / RECIPE_FILE)
+    source = resolve_source(recipe.model.name_or_path, recipe.model.gguf_file)
+    check_supported(load_config(source))  # before the data is tokenized
+    return Run(state, fsdp, out, resume_from, source, load_tokenizer(source))
 
 
-def save_run(
-    state,
-    out: Path,
-    lm: torch.nn.Module,
-    tokenizer,
-    trainer,
-    adapter_config: dict,
-    metrics: dict,
-    test: list,
-    max_new_tokens: int | None,
+@dataclass
+class ExactMatchPlan:
+    """The test examples a run generates answers for, and the generation budget (None without a test)."""
+
+    examples: list[dict] | None
+    max_new_tokens: int | None
+
+
+def plan_test(data: SFTData, recipe: Recipe, tokenizer) -> ExactMatchPlan:
+    """The evaluated test examples, their references checked and the budget sized, before the model loads."""
+    examples = _evaluated_test(data, recipe)
+    if not examples:
+        return ExactMatchPlan(examples, None)
+    check_references(recipe.eval.match, examples)
+    return ExactMatchPlan(examples, generation_budget(tokenizer, examples, recipe.eval.max_new_tokens))
+
+
+def build_run_model(run: Run, recipe: Recipe, rows: int) -> TrainingModel:
+    """The recipe's training model (:func:`~qlora_kit.pipelines.builder.build_training_model`) for this run's
+    processes, its schedules sized for ``rows`` training rows."""
+    state = run.state
+    return build_training_model(
+        recipe,
+        state.device,
+        source=run.source,
+        total_steps=training_steps(recipe, rows, state.num_processes),
+        processes=state.num_processes,
+        fsdp=run.fsdp,
+        progress=state.is_main_process,
+    )
+
+
+def finish_run(
+    run: Run,
     recipe: Recipe,
-    before_test: ExactMatchResult | None,
-    after_test: ExactMatchResult | None,
-) -> None:
-    """What a finished run (SFT or preference) leaves in ``out``: the adapter (under FSDP a collective,
-    so every process calls this; ``state`` is accelerate's PartialState), and from the main process
-    the tokenizer, the loss curve, ``metrics`` (the test's settings added) and the test generations."""
-    if test:
+    trainer,
+    built: TrainingModel,
+    metrics: dict,
+    test: ExactMatchPlan,
+    test_results: tuple[ExactMatchResult | None, ExactMatchResult | None],
+    rows: tuple = SFT_ROWS,
+    width: int = 20,
+) -> dict:
+    """What a finished run (SFT or preference) leaves in ``run.out``: the adapter (under FSDP a collective,
+    so every process calls this), and from the main process the tokenizer, the loss curve, ``metrics`` (the
+    test's settings added) and the test generations (``test_results``: before and after training); then the
+    before/after table (:func:`format_metrics` with ``rows`` and ``width``). Returns ``metrics``."""
+    state, out, lm = run.state, run.out, built.lm
+    before_test, after_test = test_results
+    if test.examples:
         metrics["test"] = {
-            "examples": len(test),
-            "max_new_tokens": max_new_tokens,
+            "examples": len(test.examples),
+            "max_new_tokens": test.max_new_tokens,
             "match": recipe.eval.match,
             "generations": GENERATIONS_FILE,
         }
     with full_precision_adapters(lm):
-        save_adapter(lm, out, adapter_config, write=state.is_main_process)
+        save_adapter(lm, out, built.adapter_config, write=state.is_main_process)
     if state.is_main_process:
-        tokenizer.save_pretrained(out)
+        run.tokenizer.save_pretrained(out)
         save_loss_curve(trainer.state.log_history, out / LOSS_CURVE)
         (out / METRICS_FILE).write_text(json.dumps(metrics, indent=2))
         if after_test is not None:
             tests = {"before": before_test, "after": after_test} if before_test is not None else {"after": after_test}
             write_generations(out / GENERATIONS_FILE, tests)
-
-
-# The rows of an SFT run's table: (label, metric key, format).
-SFT_ROWS = (("validation loss", "val_loss", "{:.4f}"),)
+        print(format_metrics(metrics, out, after_test, rows, width))
+    state.wait_for_everyone()
+    return metrics
 
 
 def format_metrics(
