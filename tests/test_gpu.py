@@ -177,13 +177,16 @@ def test_offloaded_checkpoints_on_copy_streams_give_the_same_gradients():
     _equal_runs(6, ["training.offload_activations=false", fused], ["training.offload_activations=true", fused])
 
 
+@pytest.mark.parametrize("chunk", [0, 128])
 @pytest.mark.parametrize("offload", ["false", "true"])
-def test_recompute_without_down_proj_gives_the_same_gradients(monkeypatch, offload):
-    """The recompute leaves each checkpointed layer's down_proj GEMM out (model/recompute.py): on CUDA, bf16
-    autocast, the loss and LoRA gradients of the same build whose recompute computes it."""
+def test_recompute_without_down_proj_gives_the_same_gradients(monkeypatch, offload, chunk):
+    """The recompute leaves each checkpointed layer's down_proj GEMM out, a tiled MLP (chunks of 128 of 512
+    tokens) its whole forward (model/recompute.py): on CUDA, bf16 autocast, the loss and LoRA gradients of
+    the same build whose recompute computes them."""
     from qlora_kit.pipelines import builder
 
     overrides = [f"training.offload_activations={offload}", "training.fused_kernels=true"]
+    overrides.append(f"training.mlp_chunk_tokens={chunk}")
     _equal_runs(4, overrides, overrides, lambda: monkeypatch.setattr(builder, "skip_unread_outputs", lambda lm: 0))
 
 

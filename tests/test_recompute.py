@@ -32,33 +32,44 @@ def _step(built, ids, monkeypatch):
         (),
         ("training.offload_activations=true",),
         ("training.mlp_chunk_tokens=24",),  # the tiled MLP: chunks of 24 of 2 x 40 tokens
+        ("training.mlp_chunk_tokens=24", "training.offload_activations=true"),
         # down_proj a bare NF4Linear; offloaded: torch's own checkpoint stops its recompute at the last
         # saved tensor, before a down_proj that saves none, while the offloaded one runs the whole layer.
         ("lora.target_modules=[q_proj,v_proj]", "training.offload_activations=true"),
     ],
-    ids=["checkpointed", "offloaded", "tiled-mlp", "no-lora-on-down"],
+    ids=["checkpointed", "offloaded", "tiled-mlp", "tiled-mlp-offloaded", "no-lora-on-down"],
 )
 def test_recompute_skips_down_proj_with_the_same_gradients(
     tmp_path, tiny_model_dir, task_files, built_model, monkeypatch, overrides
 ):
-    """Each checkpointed layer's down_proj GEMM runs once a step (the forward), not twice, and the loss
-    and every LoRA gradient are bit for bit those of the recompute that computes it."""
+    """Each checkpointed layer's down_proj GEMM runs once a step (the forward), not twice (a tiled MLP: none of
+    its GEMMs in the checkpoint's recompute), and the loss and every LoRA gradient are bit for bit those of
+    the recompute that computes them."""
     built = built_model(tmp_path, tiny_model_dir, task_files, *overrides)
     ids = torch.randint(0, 1000, (2, 40), generator=torch.Generator().manual_seed(0))
+    tiled = "training.mlp_chunk_tokens=24" in overrides
     marked = _marked(built.lm)
-    assert marked == [f"model.layers.{i}.mlp.down_proj" for i in range(2)]
+    per_layer = ["mlp", "mlp.down_proj"] if tiled else ["mlp.down_proj"]
+    assert marked == [f"model.layers.{i}.{name}" for i in range(2) for name in per_layer]
     loss, grads, ran = _step(built, ids, monkeypatch)
     for name in marked:
         built.lm.get_submodule(name).output_unread_in_recompute = False
     loss_full, grads_full, ran_full = _step(built, ids, monkeypatch)
-    down = [n for n in ran if "down_proj" in n]
-    down_full = [n for n in ran_full if "down_proj" in n]
-    tiled = "training.mlp_chunk_tokens=24" in overrides
-    chunks = 4 if tiled else 1  # 80 tokens in chunks of 24
-    # Forward, recompute, and the tiled MLP's own per-chunk recompute in backward.
-    assert len(down_full) == 2 * chunks * (3 if tiled else 2)
-    assert len(down) == 2 * chunks * (2 if tiled else 1)
-    assert sorted(n for n in ran if "down_proj" not in n) == sorted(n for n in ran_full if "down_proj" not in n)
+
+    def runs(names, projection):
+        return sum(f".{projection}" in n for n in names)
+
+    # Per layer and chunk (80 tokens in chunks of 24: 4), the forward, the checkpoint's recompute and the
+    # tiled MLP's own recompute of each chunk in backward. Marked: down_proj only in the forward; a tiled
+    # MLP's recompute in the checkpoint runs none of its projections (its backward recomputes them).
+    chunks = 4 if tiled else 1
+    assert runs(ran_full, "down_proj") == 2 * chunks * (3 if tiled else 2)
+    assert runs(ran, "down_proj") == 2 * chunks
+    for projection in ("gate_proj", "up_proj"):
+        assert runs(ran_full, projection) == 2 * chunks * (3 if tiled else 2)
+        assert runs(ran, projection) == 2 * chunks * 2
+    for projection in ("q_proj", "k_proj", "v_proj", "o_proj"):
+        assert runs(ran, projection) == runs(ran_full, projection) == 2 * 2
     assert torch.equal(loss, loss_full)
     assert grads.keys() == grads_full.keys() and grads
     for name in grads:

@@ -106,7 +106,7 @@ def test_the_autograd_function_in_one_or_more_chunks(chunk):
     layer.zero_grad(set_to_none=True)
     xt = x.clone().requires_grad_(True)
     params = [p for p in layer.mlp.parameters() if p.requires_grad]
-    y = _TiledMLP.apply(layer.mlp.forward, chunk, xt, *params)
+    y = _TiledMLP.apply(layer.mlp.forward, chunk, False, xt, *params)
     y.backward(grad)
     assert_close(y.detach(), ref_y)
     assert_close(xt.grad, ref_gx)

@@ -39,9 +39,10 @@ class LayerPlan:
     ``gptq_sequence``: GPTQ's true-sequential order, groups of linears that read the same input;
     every linear of the layer is in exactly one group. ``awq_groups``: AWQ's scaling groups,
     again every linear once. ``awq_no_clip``: linears AWQ's clipping search leaves alone.
-    ``recompute_unread``: linears whose output reaches nothing but the layer's output (through
-    the residual sum), so a checkpointed layer's recompute in backward, which builds their
-    autograd graph and never reads the layer's output, need not compute it.
+    ``recompute_unread``: modules (linears, or a block holding some) whose output reaches nothing
+    but the layer's output (through the residual sum), so a checkpointed layer's recompute in
+    backward, which builds their autograd graph and never reads the layer's output, need not
+    compute it.
     """
 
     gptq_sequence: tuple[tuple[str, ...], ...]
@@ -55,9 +56,11 @@ class LayerPlan:
             raise ValueError(f"a linear appears in two GPTQ groups: {linears}")
         if sorted(n for g in self.awq_groups for n in g.linears) != linears:
             raise ValueError("the AWQ groups must hold every linear of the GPTQ sequence exactly once")
-        for key in ("awq_no_clip", "recompute_unread"):
-            if not set(getattr(self, key)) <= set(linears):
-                raise ValueError(f"{key} {getattr(self, key)} names linears outside the layer")
+        if not set(self.awq_no_clip) <= set(linears):
+            raise ValueError(f"awq_no_clip {self.awq_no_clip} names linears outside the layer")
+        blocks = {name.rpartition(".")[0] for name in linears} - {""}
+        if not set(self.recompute_unread) <= set(linears) | blocks:
+            raise ValueError(f"recompute_unread {self.recompute_unread} names modules outside the layer")
 
     @property
     def linears(self) -> tuple[str, ...]:
@@ -86,7 +89,7 @@ LLAMA = LayerPlan(
         AWQGroup("mlp.up_proj", ("mlp.down_proj",), "mlp.down_proj"),
     ),
     awq_no_clip=("self_attn.q_proj", "self_attn.k_proj"),  # q.k^T amplifies clipping errors
-    recompute_unread=("mlp.down_proj",),  # out = h + mlp(norm(h)): nothing after down_proj reads it
+    recompute_unread=("mlp", "mlp.down_proj"),  # out = h + mlp(norm(h)): nothing after the MLP reads it
 )
 
 # Mistral, Qwen2 and Qwen3 layers have Llama's linears: Qwen2's q/k/v carry biases (AWQ folds 1/s

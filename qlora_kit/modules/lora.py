@@ -13,7 +13,8 @@ import math
 import torch
 from torch import nn
 
-from qlora_kit.modules.nf4_linear import NF4Linear, base_matmul, base_matmul_grad_input, output_unread
+from qlora_kit.modules.nf4_linear import NF4Linear, base_matmul, base_matmul_grad_input
+from qlora_kit.modules.unread import output_unread
 
 
 def lora_scale(r: int, alpha: float, use_rslora: bool = False) -> float:
@@ -65,7 +66,7 @@ class NF4LoRALinear(LoRALinear):
 
     The same adapters and initialisation as :class:`LoRALinear`; no dropout, whose mask
     would need a pass over x of its own. Marked ``output_unread_in_recompute``, a checkpointed
-    layer's recompute leaves its output uncomputed (:func:`~qlora_kit.modules.nf4_linear.output_unread`).
+    layer's recompute leaves its output uncomputed (:mod:`qlora_kit.modules.unread`).
     """
 
     output_unread_in_recompute = False

@@ -7,6 +7,7 @@ from torch import nn
 
 from qlora_kit.compat import in_backward
 from qlora_kit.kernels.dispatch import check_kernel
+from qlora_kit.modules.unread import output_unread
 from qlora_kit.quant import fp8
 from qlora_kit.quant.nf4 import BLOCKSIZE, NESTED_BLOCKSIZE, NF4Tensor, dequantize_nf4
 
@@ -33,13 +34,6 @@ def base_matmul_grad_input(grad_out: torch.Tensor, base: NF4Linear) -> torch.Ten
     return grad_out @ base.dequantized_weight(grad_out.dtype)
 
 
-def output_unread(module: nn.Module) -> bool:
-    """Whether this call of ``module`` may leave its output uncomputed: the module is marked
-    ``output_unread_in_recompute`` (``qlora_kit.model.recompute``) and runs in a checkpointed layer's
-    recompute, inside backward with gradients on, where only its autograd graph is used."""
-    return module.output_unread_in_recompute and torch.is_grad_enabled() and in_backward()
-
-
 class _NF4MatMul(torch.autograd.Function):
     """x @ W^T for a frozen NF4 weight.
 
@@ -48,7 +42,7 @@ class _NF4MatMul(torch.autograd.Function):
     dequantizes its packed weight again: grad_x = grad_y @ W.
     The layer sits on ``ctx`` rather than in ``save_for_backward`` so that
     activation-offloading hooks never copy its weight. ``unread``: the output is left
-    uncomputed (:func:`output_unread`); the backward is the same.
+    uncomputed (:func:`~qlora_kit.modules.unread.output_unread`); the backward is the same.
     """
 
     @staticmethod

@@ -6,7 +6,9 @@ output. :class:`_TiledMLP` does that in forward keeping only its input; backward
 chunk with gradients and backpropagates it at once. At most one chunk's intermediates
 (gate, up and SwiGLU outputs, and what LoRA saves for its backward: ``[chunk, intermediate]``
 each) exist at a time, in the forward pass, in a gradient checkpoint's recomputation (which
-re-enters the function) and in backward. The price is one more forward of the MLP per step.
+re-enters the function) and in backward. The price is one more forward of the MLP per step,
+unless the MLP is marked as unread in the recompute (:mod:`qlora_kit.modules.unread`): a
+checkpoint's recompute then only saves the input, since this backward recomputes every chunk.
 This is the TiledMLP of Arctic Long Sequence Training (Bekman et al. 2025), Unsloth's tiled MLP.
 
 The gradients of the MLP's trainable tensors (the LoRA A and B) are summed over the chunks here
@@ -26,6 +28,8 @@ import types
 
 import torch
 from torch import nn
+
+from qlora_kit.modules.unread import MARK, output_unread
 
 log = logging.getLogger(__name__)
 
@@ -79,11 +83,13 @@ class _TiledMLP(torch.autograd.Function):
     """``mlp_forward`` over chunks of ``chunk`` tokens of ``x``; ``params``: the tensors of it that train."""
 
     @staticmethod
-    def forward(ctx, mlp_forward, chunk: int, x: torch.Tensor, *params: torch.Tensor) -> torch.Tensor:
+    def forward(ctx, mlp_forward, chunk: int, unread: bool, x: torch.Tensor, *params: torch.Tensor) -> torch.Tensor:
         ctx.mlp_forward, ctx.chunk, ctx.params, ctx.device = mlp_forward, chunk, params, x.device
         ctx.autocast = (torch.is_autocast_enabled(x.device.type), torch.get_autocast_dtype(x.device.type))
         ctx.rng = _rng_state(x.device)
         ctx.save_for_backward(x)
+        if unread:  # a recompute: backward recomputes every chunk itself, from x alone
+            return x.new_empty(x.shape)  # a decoder MLP's output is added to its input: the same shape
         rows = x.reshape(-1, x.shape[-1])
         out = None
         for start in range(0, rows.shape[0], chunk):
@@ -96,10 +102,10 @@ class _TiledMLP(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_out: torch.Tensor):
         (x,) = ctx.saved_tensors
-        need_x, need_params = ctx.needs_input_grad[2], ctx.needs_input_grad[3:]
+        need_x, need_params = ctx.needs_input_grad[3], ctx.needs_input_grad[4:]
         wanted = [p for p, need in zip(ctx.params, need_params) if need]
         if not need_x and not wanted:
-            return (None,) * (3 + len(ctx.params))
+            return (None,) * (4 + len(ctx.params))
         rows, grad_rows = x.reshape(-1, x.shape[-1]), grad_out.reshape(-1, grad_out.shape[-1])
         grad_x = torch.empty_like(rows) if need_x else None
         sums: list[torch.Tensor | None] = [None] * len(wanted)
@@ -123,7 +129,7 @@ class _TiledMLP(torch.autograd.Function):
                         sums[i] = g if sums[i] is None else sums[i] + g
         summed = iter(zip(sums, wanted))
         grad_params = [_cast(*next(summed)) if need else None for need in need_params]
-        return None, None, grad_x.view_as(x) if need_x else None, *grad_params
+        return None, None, None, grad_x.view_as(x) if need_x else None, *grad_params
 
 
 def _tiled_forward(self: nn.Module, x: torch.Tensor) -> torch.Tensor:
@@ -142,7 +148,7 @@ def _tiled_forward(self: nn.Module, x: torch.Tensor) -> torch.Tensor:
         )
     # Read at each call: FSDP swaps the registered parameters for their gathered copies around the forward.
     params = [p for p in self.parameters() if p.requires_grad]
-    return _TiledMLP.apply(self.untiled_forward, chunk, x, *params)
+    return _TiledMLP.apply(self.untiled_forward, chunk, output_unread(self), x, *params)
 
 
 def use_tiled_mlp(model: nn.Module, chunk_tokens: int | str) -> int:
@@ -165,6 +171,7 @@ def use_tiled_mlp(model: nn.Module, chunk_tokens: int | str) -> int:
             # A bound method: copy.deepcopy of the module rebinds it to the copy.
             mlp.untiled_forward = mlp.forward
             mlp.forward = types.MethodType(_tiled_forward, mlp)
+            setattr(mlp, MARK, False)  # it knows the recompute's mark (modules/unread.py)
         mlp.mlp_chunk_tokens = chunk_tokens
     if chunk_tokens == AUTO:
         log.info(
