@@ -14,7 +14,7 @@ constraints.txt pins the exact versions CI runs.
 | the 8-bit optimizers' per-tensor step pieces | bitsandbytes Optimizer8bit | pipelines/optim.py |
 | the module global ``apply_rotary_pos_emb`` the attention forward calls | transformers modeling_<family> | model/fused.py |
 | the ``"sdpa"`` entry of the attention functions the attention forward looks up | transformers ALL_ATTENTION_FUNCTIONS | model/offload.py |
-| the flash attention kernels and their backward, ``aten._scaled_dot_product_flash_attention*`` | torch | modules/flash_attention.py |
+| the flash and cuDNN attention kernels and their backward, ``aten._scaled_dot_product_{flash,cudnn}_attention*``; sdpa's kernel choice ``torch._fused_sdp_choice`` | torch | modules/flash_attention.py |
 | the GGUF name map and tensor processors | transformers.modeling_gguf_pytorch_utils | model/sources.py |
 | DPOTrainer's loss step and the trainer attributes it reads; ORPOTrainer's odds-ratio loss | trl | pipelines/preference.py |
 | the autotuner's chosen config; a compiled kernel's launch | triton Autotuner, CompiledKernel | kernels/nf4.py |

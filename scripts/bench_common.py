@@ -73,7 +73,10 @@ def gpu_timeline(events) -> str:
     lines = [
         f"kernels from first to last: {span / 1e3:.1f} ms; some kernel running: {busy_time(everything) / span:.0%}"
     ]
-    for stream, intervals in sorted(streams.items(), key=lambda kv: -busy_time(kv[1])):
-        busy = busy_time(intervals)
-        lines.append(f"  stream {stream}: {len(intervals)} kernels, busy {busy / 1e3:.1f} ms ({busy / span:.0%})")
+    busy = {stream: busy_time(intervals) for stream, intervals in streams.items()}
+    for stream in sorted(busy, key=busy.get, reverse=True):
+        lines.append(
+            f"  stream {stream}: {len(streams[stream])} kernels, busy {busy[stream] / 1e3:.1f} ms "
+            f"({busy[stream] / span:.0%})"
+        )
     return "\n".join(lines)

@@ -362,7 +362,9 @@ def print_table(results: dict, args) -> None:
             continue
         trials, longest = results["trials"][side], summary["longest"]
         at_speed = trials.get(str(args.speed_seq), {})
-        speed_cell = f"{at_speed['tokens_per_s']:.0f}" if at_speed.get("fits") else "does not fit" if speed else ""
+        speed_cell = ""
+        if speed:
+            speed_cell = f"{at_speed['tokens_per_s']:.0f}" if at_speed.get("fits") else "does not fit"
         if longest == 0:
             shortest = trials[min(trials, key=int)]
             print(f"{side:14}{'none':>12}{'':>10}{'':>10}{speed_cell:>18}   ({shortest['error']})")

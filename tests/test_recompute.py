@@ -5,10 +5,11 @@ import torch
 
 from qlora_kit.model.plans import LLAMA, AWQGroup, LayerPlan
 from qlora_kit.modules import lora, nf4_linear
+from qlora_kit.modules.unread import MARK
 
 
 def _marked(lm) -> list[str]:
-    return [name for name, m in lm.named_modules() if getattr(m, "output_unread_in_recompute", False)]
+    return [name for name, m in lm.named_modules() if getattr(m, MARK, False)]
 
 
 def _step(built, ids, monkeypatch):
@@ -53,7 +54,7 @@ def test_recompute_skips_down_proj_with_the_same_gradients(
     assert marked == [f"model.layers.{i}.{name}" for i in range(2) for name in per_layer]
     loss, grads, ran = _step(built, ids, monkeypatch)
     for name in marked:
-        built.lm.get_submodule(name).output_unread_in_recompute = False
+        setattr(built.lm.get_submodule(name), MARK, False)
     loss_full, grads_full, ran_full = _step(built, ids, monkeypatch)
 
     def runs(names, projection):

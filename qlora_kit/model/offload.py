@@ -159,7 +159,7 @@ class _KeptAttention:
     """The attention calls of one checkpointed layer's forward, for its recompute to replay.
 
     An entry per call, in order: the offloaded output and logsumexp with the kernel's state, or
-    None for a call the flash kernel does not take (a mask, dropout), which the recompute runs as usual.
+    None for a call the kept path does not take (a mask, dropout), which the recompute runs as usual.
     """
 
     def __init__(self) -> None:
@@ -182,7 +182,7 @@ class _KeptAttention:
 _kept_attention: ContextVar[_KeptAttention | None] = ContextVar("qlora_kit_kept_attention", default=None)
 
 
-def _flash_takes(module, query, key, value, attention_mask, dropout, scaling, kwargs) -> bool:
+def _kept_path_takes(module, query, key, value, attention_mask, dropout, scaling, kwargs) -> bool:
     """Whether this sdpa call is plain causal attention that sdpa itself would run on a kernel the kept path runs."""
     causal = kwargs.get("is_causal") is not False and getattr(module, "is_causal", True)
     changed = any(kwargs.get(k) is not None for k in ("position_bias", "softcap")) or kwargs.get("output_attentions")
@@ -214,7 +214,7 @@ def _sdpa_dispatcher(original):
                 out, lse, state = entry
                 return AttentionFromKept.apply(query, key, value, out.take(), lse.take(), state, scaling), None
         elif kept is not None:
-            if _flash_takes(module, query, key, value, attention_mask, dropout, scaling, kwargs):
+            if _kept_path_takes(module, query, key, value, attention_mask, dropout, scaling, kwargs):
                 out, lse, state = flash_forward(query, key, value, scaling)
                 kept.entries.append((_Offloaded(out, queued=False), _Offloaded(lse, queued=False), state))
                 return out, None

@@ -334,7 +334,7 @@ def train_preference(recipe: Recipe) -> dict:
 
     def measure() -> tuple[dict, ExactMatchResult | None]:
         metrics = preference_metrics(trainer, data.validation, eval_batch) if data.validation is not None else {}
-        more, result = evaluate(trainer, lm, tokenizer, data, recipe, test.max_new_tokens, validation=False)
+        more, result = evaluate(trainer, lm, tokenizer, data, recipe, test, validation=False)
         return {**metrics, **more}, result
 
     before, before_test = measure() if run.resume_from is None else ({}, None)

@@ -280,22 +280,15 @@ def training_arguments(
     )
 
 
-def _evaluated_test(data: SFTData, recipe: Recipe) -> list[dict] | None:
-    """The test examples that are evaluated (at most eval.max_test_examples)."""
-    limit = recipe.eval.max_test_examples
-    return data.test[:limit] if data.test and limit else data.test
-
-
 def evaluate(
-    trainer, lm, tokenizer, data: SFTData, recipe: Recipe, max_new_tokens: int, validation: bool = True
+    trainer, lm, tokenizer, data: SFTData, recipe: Recipe, test: ExactMatchPlan, validation: bool = True
 ) -> tuple[dict, ExactMatchResult | None]:
-    """Validation loss (when there is a validation split) and exact-match accuracy on the test split,
+    """Validation loss (when there is a validation split) and exact-match accuracy on ``test``'s examples,
     with the test result itself on the processes that generated (else None)."""
     metrics, result = {}, None
     if validation and data.validation is not None:
         metrics["val_loss"] = trainer.evaluate()["eval_loss"]
-    examples = _evaluated_test(data, recipe)
-    if examples:
+    if test.examples:
         # On the CPU, QAT's torch fake-quant would otherwise round every weight again for each new token.
         cache = cached_qat_weights(lm) if trainer.args.device.type == "cpu" else nullcontext()
         main = trainer.accelerator.is_main_process
@@ -304,7 +297,7 @@ def evaluate(
         if main or is_sharded(trainer.model):
             with cache:
                 result = exact_match_accuracy(
-                    trainer.model, tokenizer, examples, max_new_tokens, recipe.eval.match, progress=main
+                    trainer.model, tokenizer, test.examples, test.max_new_tokens, recipe.eval.match, progress=main
                 )
             metrics["test_exact_match"] = result.accuracy
             metrics["test_cut"] = result.cut
@@ -376,11 +369,11 @@ def train(recipe: Recipe) -> dict:
     # the Trainer can evaluate only once it has prepared the model and the optimizer together.
     before, before_test = {}, None
     if run.resume_from is None:
-        before, before_test = evaluate(trainer, lm, run.tokenizer, data, recipe, test.max_new_tokens, validation=False)
+        before, before_test = evaluate(trainer, lm, run.tokenizer, data, recipe, test, validation=False)
     trainer.train(resume_from_checkpoint=str(run.resume_from) if run.resume_from else None)
     if run.resume_from is None and data.validation is not None:
         before["val_loss"] = next(e["eval_loss"] for e in trainer.state.log_history if "eval_loss" in e)
-    after, after_test = evaluate(trainer, lm, run.tokenizer, data, recipe, test.max_new_tokens)
+    after, after_test = evaluate(trainer, lm, run.tokenizer, data, recipe, test)
 
     metrics = {"before": before, "after": after, "train_steps": trainer.state.global_step}
     return finish_run(run, recipe, trainer, built, metrics, test, (before_test, after_test))
@@ -392,7 +385,6 @@ class Run:
 
     state: Any  # accelerate's PartialState
     fsdp: Any  # accelerate's FSDP plugin when launched with one, else None
-    out: Path
     resume_from: Path | None  # the checkpoint to resume from
     source: ModelSource
     tokenizer: Any
@@ -408,12 +400,11 @@ def start_run(recipe: Recipe) -> Run:
     state = PartialState(cpu=not torch.cuda.is_available())
     fsdp = fsdp_plugin_from_launch()
     resume_from = prepare_output_dir(recipe)
-    out = Path(recipe.output.dir)
     if state.is_main_process:
-        save_recipe(recipe, out / RECIPE_FILE)
+        save_recipe(recipe, Path(recipe.output.dir) / RECIPE_FILE)
     source = resolve_source(recipe.model.name_or_path, recipe.model.gguf_file)
     check_supported(load_config(source))  # before the data is tokenized
-    return Run(state, fsdp, out, resume_from, source, load_tokenizer(source))
+    return Run(state, fsdp, resume_from, source, load_tokenizer(source))
 
 
 @dataclass
@@ -425,8 +416,10 @@ class ExactMatchPlan:
 
 
 def plan_test(data: SFTData, recipe: Recipe, tokenizer) -> ExactMatchPlan:
-    """The evaluated test examples, their references checked and the budget sized, before the model loads."""
-    examples = _evaluated_test(data, recipe)
+    """The test examples that are evaluated (at most eval.max_test_examples), their references checked and
+    the budget sized, before the model loads."""
+    limit = recipe.eval.max_test_examples
+    examples = data.test[:limit] if data.test and limit else data.test
     if not examples:
         return ExactMatchPlan(examples, None)
     check_references(recipe.eval.match, examples)
@@ -459,11 +452,11 @@ def finish_run(
     rows: tuple = SFT_ROWS,
     width: int = 20,
 ) -> dict:
-    """What a finished run (SFT or preference) leaves in ``run.out``: the adapter (under FSDP a collective,
+    """What a finished run (SFT or preference) leaves in output.dir: the adapter (under FSDP a collective,
     so every process calls this), and from the main process the tokenizer, the loss curve, ``metrics`` (the
     test's settings added) and the test generations (``test_results``: before and after training); then the
     before/after table (:func:`format_metrics` with ``rows`` and ``width``). Returns ``metrics``."""
-    state, out, lm = run.state, run.out, built.lm
+    state, out, lm = run.state, Path(recipe.output.dir), built.lm
     before_test, after_test = test_results
     if test.examples:
         metrics["test"] = {
