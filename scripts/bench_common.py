@@ -80,3 +80,55 @@ def gpu_timeline(events) -> str:
             f"({busy[stream] / span:.0%})"
         )
     return "\n".join(lines)
+
+
+def idle_report(events, top: int = 20, min_gap_us: float = 5.0) -> str:
+    """Lines on where the busiest stream of a profiled step (CPU and CUDA activity) sat idle between kernels.
+
+    Each gap is put down to the CPU op that launched the kernel after it, and to the backward node
+    that op ran in (``[forward]`` outside one). ``host``: the kernel was launched after the stream
+    had gone idle, so the GPU waited for Python; ``wait``: it was launched before, so it waited for
+    something else (an event: a copy on another stream).
+    """
+    from torch.autograd import DeviceType
+
+    kernels = [e for e in events if e.device_type == DeviceType.CUDA]
+    if not kernels:
+        return "no CUDA kernels recorded"
+    streams: dict[int, list] = {}
+    for e in kernels:
+        streams.setdefault(e.device_resource_id, []).append(e)
+    main = sorted(max(streams.values(), key=len), key=lambda e: e.time_range.start)
+    # A kernel and the CUDA runtime call that launched it (cudaLaunchKernel, ...) share their
+    # correlation id; the op that made that call encloses it on the host thread.
+    launches = {e.id: e for e in events if e.device_type == DeviceType.CPU and e.name.startswith("cu")}
+    groups: dict[tuple[str, str, str], list[float]] = {}
+    reach = main[0].time_range.end
+    for k in main[1:]:
+        idle_from, gap = reach, k.time_range.start - reach
+        reach = max(reach, k.time_range.end)
+        if gap < min_gap_us:
+            continue
+        launch = launches.get(k.id)
+        kind, node, name = "?", "[unattributed]", k.name
+        if launch is not None:
+            kind = "host" if launch.time_range.start >= idle_from else "wait"
+            op = launch.cpu_parent
+            name = op.name if op is not None else launch.name
+            node, parent = "[forward]", op
+            while parent is not None:  # the innermost: a recompute's ops sit in the checkpoint's own node
+                if parent.name.startswith("autograd::engine::evaluate_function: "):
+                    node = parent.name.split(": ", 1)[1]
+                    break
+                parent = parent.cpu_parent
+        key = (kind, node, name)
+        groups.setdefault(key, []).append(gap)
+    total = {kind: sum(sum(g) for key, g in groups.items() if key[0] == kind) for kind in ("host", "wait", "?")}
+    lines = [
+        f"idle gaps >= {min_gap_us:g} us on the busiest stream: {sum(total.values()) / 1e3:.1f} ms "
+        f"(host late {total['host'] / 1e3:.1f} ms, waiting {total['wait'] / 1e3:.1f} ms, "
+        f"launch not found {total['?'] / 1e3:.1f} ms)"
+    ]
+    for (kind, node, name), gaps in sorted(groups.items(), key=lambda kv: -sum(kv[1]))[:top]:
+        lines.append(f"  {sum(gaps) / 1e3:7.2f} ms {len(gaps):5d} gaps  {kind:4s}  {node[:50]:50s} {name[:50]}")
+    return "\n".join(lines)

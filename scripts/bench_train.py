@@ -24,6 +24,12 @@ allocations and compiled kernels cannot reach the next one. A side whose package
 is skipped with a message. --pythonpath SIDE=DIR puts DIR first on that side's PYTHONPATH
 (e.g. Unsloth's packages, kept apart from the project's); the unsloth side runs offline.
 
+"host s" is how long the host took to launch a step (up to its final synchronization; bitsandbytes'
+paged optimizer synchronizes inside its step, so it is the step's length with that optimizer).
+--profile FILE writes, per side, how far the host was ahead of the GPU at each decoder layer's start
+(an unprofiled step), the kernels' busy time per stream, the compute stream's idle gaps put down to
+the ops that launched the kernel after them, and torch.profiler's kernel table.
+
 Model FLOPs per step: tokens * (4 * frozen params + 6 * LoRA params) for the linears
 (forward + input gradient, plus weight gradients for LoRA) + causal attention
 (forward and backward), without the checkpoint recompute; MFU divides by the bf16
@@ -360,23 +366,29 @@ def run_side(side: str, config, args, device: torch.device) -> dict:
         optimizer.zero_grad(set_to_none=True)
         return loss
 
+    host_times = []
     for i, ids in enumerate(batches):
         _sync(device)
         start = time.perf_counter()
         loss = train_step(ids)
+        launched = time.perf_counter()
         _sync(device)
         if i >= args.warmup:
             times.append(time.perf_counter() - start)
+            host_times.append(launched - start)
         losses.append(loss.item())
     if args.profile:
-        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+        lead = host_lead(model, train_step, batches[-1]) if cuda else "host lead: CUDA only"
+        activities = [torch.profiler.ProfilerActivity.CPU, torch.profiler.ProfilerActivity.CUDA]
+        with torch.profiler.profile(activities=activities) as prof:
             train_step(batches[-1])
             _sync(device)
-        from bench_common import gpu_timeline
+        from bench_common import gpu_timeline, idle_report
 
-        table = prof.key_averages().table(sort_by="cuda_time_total", row_limit=40, max_name_column_width=70)
+        events = prof.events()
+        table = prof.key_averages().table(sort_by="cuda_time_total", row_limit=80, max_name_column_width=90)
         with open(f"{args.profile}.{side}.txt", "w") as f:
-            f.write(f"{gpu_timeline(prof.events())}\n\n{table}")
+            f.write(f"{lead}\n{gpu_timeline(events)}\n{idle_report(events)}\n\n{table}")
     if args.memory_snapshot:
         torch.cuda.memory._record_memory_history(max_entries=1_000_000)
         train_step(batches[-1])
@@ -390,6 +402,8 @@ def run_side(side: str, config, args, device: torch.device) -> dict:
         "side": side,
         "pid": os.getpid(),
         "step_s": step,
+        # How long the host took to launch the step (all of it but the final sync): near step_s, host-bound.
+        "host_s": sorted(host_times)[len(host_times) // 2],
         "tokens_per_s": batch * seq / step,
         "peak_allocated": torch.cuda.max_memory_allocated() if cuda else None,
         "peak_reserved": torch.cuda.max_memory_reserved() if cuda else None,
@@ -399,6 +413,43 @@ def run_side(side: str, config, args, device: torch.device) -> dict:
         "seq": seq,
         "losses": losses,
     }
+
+
+def host_lead(model, train_step, ids) -> str:
+    """Lines on how far ahead of the GPU the host was when each decoder layer started (forward and
+    recompute) in one unprofiled step: near 0, the GPU was waiting for the host's launches there."""
+    from qlora_kit.compat import in_backward
+
+    marks = []
+
+    def mark(phase: str) -> None:
+        event = torch.cuda.Event(enable_timing=True)
+        event.record()
+        marks.append((phase, time.perf_counter(), event))
+
+    layers = [m for m in model.modules() if type(m).__name__.endswith("DecoderLayer")]
+    hooks = [
+        m.register_forward_pre_hook(lambda m, a: mark("recompute" if in_backward() else "forward")) for m in layers
+    ]
+    torch.cuda.synchronize()
+    mark("start")
+    try:
+        train_step(ids)
+    finally:
+        for h in hooks:
+            h.remove()
+    torch.cuda.synchronize()
+    _, host0, event0 = marks[0]
+    leads: dict[str, list[float]] = {}
+    for phase, host, event in marks[1:]:
+        leads.setdefault(phase, []).append(event0.elapsed_time(event) - (host - host0) * 1e3)
+    lines = ["host ahead of the GPU at each layer's start (ms): phase, layers, min / median / max"]
+    for phase, values in leads.items():
+        values.sort()
+        lines.append(
+            f"  {phase:9s} {len(values):3d}  {values[0]:8.2f} {values[len(values) // 2]:8.2f} {values[-1]:8.2f}"
+        )
+    return "\n".join(lines)
 
 
 def one_side(args) -> None:
@@ -531,7 +582,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "loss curves are compared seed to seed (bf16's run-to-run spread) and side to ours at the same seed",
     )
     parser.add_argument(
-        "--profile", help="write one step's kernel busy time per stream and its torch.profiler table to FILE.SIDE.txt"
+        "--profile",
+        help="write the host lead per layer, one step's kernel busy time per stream, its idle gaps and its "
+        "torch.profiler table to FILE.SIDE.txt",
     )
     parser.add_argument(
         "--memory-snapshot",
@@ -595,14 +648,14 @@ def print_tables(results: dict, config) -> None:
         "TFLOP/s; each side in its own process"
     )
     w = max(14, *(len(s) + 1 for s in sides))
-    print(f"{'':{w}}{'s/step':>9}{'tokens/s':>10}{'peak GiB':>10}{'MFU':>7}   losses")
+    print(f"{'':{w}}{'s/step':>9}{'host s':>8}{'tokens/s':>10}{'peak GiB':>10}{'MFU':>7}   losses")
     for side, r in sides.items():
         if "skipped" in r or "error" in r:
             print(f"{side:{w}}{'skipped: ' + r['skipped'] if 'skipped' in r else 'error: ' + r['error']}")
             continue
         peak = f"{r['peak_allocated'] * gib:10.2f}" if r["peak_allocated"] is not None else f"{'n/a':>10}"
         print(
-            f"{side:{w}}{r['step_s']:9.3f}{r['tokens_per_s']:10.0f}{peak}{r['mfu']:7.1%}   "
+            f"{side:{w}}{r['step_s']:9.3f}{r['host_s']:8.3f}{r['tokens_per_s']:10.0f}{peak}{r['mfu']:7.1%}   "
             + " ".join(f"{x:.3f}" for x in r["losses"][:3])
         )
     measured = [s for s, r in sides.items() if "tokens_per_s" in r]

@@ -120,3 +120,50 @@ def test_gpu_timeline_counts_overlapping_kernels_once():
         "  stream 7: 2 kernels, busy 15.0 ms (38%)",
     ]
     assert gpu_timeline(events[-1:]) == "no CUDA kernels recorded"
+
+
+def test_idle_report_puts_gaps_down_to_the_launch_after_them():
+    """A gap whose kernel was launched after the stream went idle is the host's; one launched before, a wait."""
+    from types import SimpleNamespace
+
+    from torch.autograd import DeviceType
+
+    sys.path.insert(0, str(REPO / "scripts"))
+    try:
+        from bench_common import idle_report
+    finally:
+        sys.path.remove(str(REPO / "scripts"))
+
+    def event(id, name, start, end, device=DeviceType.CPU, parent=None):
+        return SimpleNamespace(
+            id=id,
+            name=name,
+            device_type=device,
+            device_resource_id=7,
+            time_range=SimpleNamespace(start=start, end=end),
+            cpu_parent=parent,
+        )
+
+    node = event(1000, "autograd::engine::evaluate_function: MulBackward0", 0, 500)
+    mul = event(1001, "aten::mul", 200, 300, parent=node)
+    add = event(1002, "aten::add", 10, 20)
+    events = [
+        node,
+        mul,
+        add,
+        event(1, "cudaLaunchKernel", 5, 6, parent=add),  # launched early: its kernel waited
+        event(2, "cudaLaunchKernel", 12, 13, parent=add),
+        event(3, "cudaLaunchKernel", 250, 251, parent=mul),  # launched after the stream went idle at 110
+        event(1, "first", 0, 100, DeviceType.CUDA),
+        event(2, "waited", 102, 110, DeviceType.CUDA),  # a 2 us gap: under the threshold
+        event(3, "late", 260, 270, DeviceType.CUDA),
+        event(4, "unmatched", 300, 310, DeviceType.CUDA),
+    ]
+    lines = idle_report(events).splitlines()
+    assert lines[0] == (
+        "idle gaps >= 5 us on the busiest stream: 0.2 ms (host late 0.1 ms, waiting 0.0 ms, launch not found 0.0 ms)"
+    )
+    assert lines[1].split() == ["0.15", "ms", "1", "gaps", "host", "MulBackward0", "aten::mul"]
+    assert lines[2].split() == ["0.03", "ms", "1", "gaps", "?", "[unattributed]", "unmatched"]
+    events[7].time_range.start = 150  # launched at 12, before the stream went idle at 100
+    assert idle_report(events).splitlines()[2].split()[:5] == ["0.05", "ms", "1", "gaps", "wait"]

@@ -52,10 +52,15 @@ def labelled_logprobs(
     **model_inputs,
 ) -> LabelledLogProbs:
     """The fast path: the decoder once, then the lm_head on the labelled positions only, in checkpointed chunks."""
+    mask = labels[:, 1:] != IGNORE_INDEX
+    # The labelled positions are found before the decoder runs: finding them makes the host wait
+    # for the GPU, which costs nothing while nothing is queued yet, but between the decoder and the
+    # loss would leave the GPU idle until the host had launched the loss's first kernels.
+    where = mask.nonzero()
+    rows = where[:, 0] * labels.shape[1] + where[:, 1]  # position (b, t) of [batch, seq] flattened
     hidden = lm.model(input_ids=input_ids, use_cache=False, **model_inputs).last_hidden_state
-    targets = labels[:, 1:]
-    mask = targets != IGNORE_INDEX
-    hidden, targets = hidden[:, :-1][mask], targets[mask]
+    hidden = hidden.reshape(-1, hidden.shape[-1]).index_select(0, rows)
+    targets = labels.reshape(-1).index_select(0, rows + 1)
     pieces = [
         checkpoint(
             _chunk_logprobs,

@@ -91,7 +91,8 @@ class _Offloaded:
 
     Held as a few pieces (:func:`_piece_lengths`) so the pinned memory is about the tensor's size.
     A layer input is ``queued``: taking it starts the copy back of the layer input before it
-    (in forward order). A kept attention output is not: its layer's backward fetches it.
+    (in forward order). A kept attention output is not: it is one of its layer input's
+    ``companions``, which come back right after the input, a layer ahead of their recompute.
     """
 
     def __init__(self, hidden: torch.Tensor, queued: bool = True) -> None:
@@ -100,6 +101,7 @@ class _Offloaded:
         self.lengths = _piece_lengths(hidden.numel(), hidden.element_size())
         self.cpu = [torch.empty(n, dtype=hidden.dtype, pin_memory=hidden.is_cuda) for n in self.lengths]
         self.gpu: torch.Tensor | None = None
+        self.companions: list[_Offloaded] = []
         flat = hidden.reshape(-1)
         parts = flat.split(self.lengths)
         if not hidden.is_cuda:
@@ -119,8 +121,8 @@ class _Offloaded:
             streams.pending.append(weakref.ref(self))
 
     def prefetch(self) -> None:
-        """Start the copy back to the GPU (CUDA only; at most once)."""
-        if self.gpu is not None:
+        """Start the copy back to the GPU, then the companions' (CUDA only; at most once)."""
+        if self.gpu is not None or self.device.type != "cuda":
             return
         streams = _transfers[self.device]
         # Allocated on the compute stream, which waits for the copy before it reads the tensor. The
@@ -133,6 +135,8 @@ class _Offloaded:
                 part.copy_(piece, non_blocking=True)
             self.on_gpu = torch.cuda.Event()
             self.on_gpu.record()
+        for companion in self.companions:
+            companion.prefetch()
 
     def take(self) -> torch.Tensor:
         """The tensor on its device, for the recomputation; the CPU copy is handed back to the host cache."""
@@ -170,8 +174,7 @@ class _KeptAttention:
         """Start copying the kept tensors back; the recompute's attention calls take them in order."""
         for entry in self.entries:
             for kept in entry[:2] if entry else ():
-                if kept.device.type == "cuda":
-                    kept.prefetch()
+                kept.prefetch()
         self.replaying = True
 
     def next(self) -> tuple[_Offloaded, _Offloaded, tuple] | None:
@@ -244,9 +247,14 @@ class _OffloadedCheckpoint(torch.autograd.Function):
         token = _kept_attention.set(ctx.kept)
         try:
             with torch.no_grad():
-                return run(hidden, *args)
+                out = run(hidden, *args)
         finally:
             _kept_attention.reset(token)
+        if ctx.kept is not None:
+            # Prefetched with the layer input, while the layer after it runs its backward: the copy
+            # is not left to start when this layer's own recompute asks for it.
+            ctx.offloaded.companions = [kept for entry in ctx.kept.entries if entry for kept in entry[:2]]
+        return out
 
     @staticmethod
     def backward(ctx, grad_out: torch.Tensor):

@@ -89,7 +89,7 @@ class _LoRANF4MatMul(torch.autograd.Function):
     The low-rank product is accumulated into the base GEMM's output in place (addmm with
     beta=1) instead of as separate scale and add passes over [tokens, out]; backward does
     the same for grad_x. Saved: x and t = x @ A^T (what plain LoRA's autograd saves too),
-    A and B; the NF4 weight stays packed on ``ctx`` and is dequantized again in backward.
+    A and B in x's dtype; the NF4 weight stays packed on ``ctx`` and is dequantized again in backward.
     With ``base.fp8`` the two base GEMMs run in e4m3 (:func:`~qlora_kit.modules.nf4_linear.base_matmul`).
     ``unread``: y is left uncomputed (a recompute that only needs the graph); t and the backward are the same.
     """
@@ -107,19 +107,21 @@ class _LoRANF4MatMul(torch.autograd.Function):
             # x itself, not x2: the FP8 path recognises the same tensor coming to q, k and v.
             y = base_matmul(x, base).view(-1, base.out_features)
             y.addmm_(t, b.t(), alpha=scaling)
-        ctx.base, ctx.scaling = base, scaling
-        ctx.save_for_backward(x, t, lora_a, lora_b)
+        ctx.base, ctx.scaling, ctx.adapter_dtype = base, scaling, lora_a.dtype
+        # A and B as cast for the forward: backward does not cast them again.
+        ctx.save_for_backward(x, t, a, b)
         return y.view(*x.shape[:-1], y.shape[-1])
 
     @staticmethod
     def backward(ctx, grad_out: torch.Tensor):
-        x, t, lora_a, lora_b = ctx.saved_tensors
+        x, t, a, b = ctx.saved_tensors
         g = grad_out.reshape(-1, grad_out.shape[-1])
         x2 = x.reshape(-1, x.shape[-1])
-        a, b = lora_a.to(g.dtype), lora_b.to(g.dtype)
+        a, b = a.to(g.dtype), b.to(g.dtype)
         gb = g @ b  # [tokens, r]
         grad_x = base_matmul_grad_input(g, ctx.base)
         grad_x.addmm_(gb, a, alpha=ctx.scaling)
         grad_a = (gb.t() @ x2).mul_(ctx.scaling)
         grad_b = (g.t() @ t.to(g.dtype)).mul_(ctx.scaling)
-        return grad_x.view_as(x), grad_a.to(lora_a.dtype), grad_b.to(lora_b.dtype), None, None, None
+        dtype = ctx.adapter_dtype
+        return grad_x.view_as(x), grad_a.to(dtype), grad_b.to(dtype), None, None, None
