@@ -226,3 +226,36 @@ def test_kept_attention_gives_the_recomputed_gradients(monkeypatch, backend):
         # The same backward of the same O and L: equal up to its atomic adds' order.
         err = (grads_a[name] - grads_b[name]).norm() / grads_a[name].norm().clamp_min(1e-30)
         assert err < 1e-2, (name, err.item())
+
+
+def test_linear_nll_sum_under_bf16_autocast_matches_float64():
+    """The SFT loss's gradient-in-forward lm_head on the GPU, bf16 autocast (the training setting), against
+    float64 autograd of the same bf16 operands: as close as the checkpointed cross_entropy path is."""
+    from torch.nn import functional as F
+
+    from qlora_kit.modules.linear_cross_entropy import linear_nll_sum
+
+    torch.manual_seed(0)
+    head = torch.nn.Linear(512, 32000, bias=False, device="cuda", dtype=torch.bfloat16).requires_grad_(False)
+    hidden = torch.randn(3000, 512, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+    targets = torch.randint(0, 32000, (3000,), device="cuda")
+
+    def grads(loss_fn):
+        hidden.grad = None
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            loss = loss_fn()
+        loss.backward()
+        return loss.double(), hidden.grad.double()
+
+    ours = grads(lambda: linear_nll_sum(hidden, head, targets, 1024))
+    stock = grads(lambda: F.cross_entropy(head(hidden).float(), targets, reduction="sum"))
+    h64 = hidden.detach().double().requires_grad_(True)
+    exact = F.cross_entropy(h64 @ head.weight.double().t(), targets, reduction="sum")
+    exact.backward()
+    for name, (loss, _) in (("ours", ours), ("stock", stock)):
+        assert abs(loss.item() - exact.item()) / exact.item() < 1e-3, name
+    error = {
+        name: ((grad - h64.grad).norm() / h64.grad.norm()).item()
+        for name, (_, grad) in (("ours", ours), ("stock", stock))
+    }
+    assert error["ours"] <= 1.5 * error["stock"] + 1e-4, error

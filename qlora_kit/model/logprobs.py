@@ -3,7 +3,9 @@
 ``log p(labels[t] | input_ids[:t])`` for every position whose label is set (not -100). The
 fast path runs the decoder once and the vocabulary projection only on the labelled
 positions (for chat data, the responses), chunk by chunk, each chunk recomputed in backward:
-the ``[tokens, vocab]`` fp32 logits never exist beyond one chunk. The plain path takes the
+the ``[tokens, vocab]`` fp32 logits never exist beyond one chunk. (The SFT loss, a plain sum,
+takes :func:`labelled_hidden` to :mod:`qlora_kit.modules.linear_cross_entropy` instead, which
+needs no recompute.) The plain path takes the
 model's full ``[batch, seq, vocab]`` logits (the reference for the chunked one).
 
 With ``stats``, each labelled position also gets, without gradient, the next-token
@@ -43,6 +45,22 @@ class LabelledLogProbs:
         return values.new_zeros(self.mask.shape).masked_scatter(self.mask, values)
 
 
+def labelled_hidden(
+    lm: nn.Module, input_ids: torch.Tensor, labels: torch.Tensor, **model_inputs
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The decoder once; its final hidden states at the labelled positions ``[labelled, hidden]``, their next
+    tokens ``[labelled]``, and the mask ``[batch, seq - 1]`` they were taken by (row-major order)."""
+    mask = labels[:, 1:] != IGNORE_INDEX
+    # The labelled positions are found before the decoder runs: finding them makes the host wait
+    # for the GPU, which costs nothing while nothing is queued yet, but between the decoder and the
+    # loss would leave the GPU idle until the host had launched the loss's first kernels.
+    where = mask.nonzero()
+    rows = where[:, 0] * labels.shape[1] + where[:, 1]  # position (b, t) of [batch, seq] flattened
+    hidden = lm.model(input_ids=input_ids, use_cache=False, **model_inputs).last_hidden_state
+    hidden = hidden.reshape(-1, hidden.shape[-1]).index_select(0, rows)
+    return hidden, labels.reshape(-1).index_select(0, rows + 1), mask
+
+
 def labelled_logprobs(
     lm: nn.Module,
     input_ids: torch.Tensor,
@@ -52,15 +70,7 @@ def labelled_logprobs(
     **model_inputs,
 ) -> LabelledLogProbs:
     """The fast path: the decoder once, then the lm_head on the labelled positions only, in checkpointed chunks."""
-    mask = labels[:, 1:] != IGNORE_INDEX
-    # The labelled positions are found before the decoder runs: finding them makes the host wait
-    # for the GPU, which costs nothing while nothing is queued yet, but between the decoder and the
-    # loss would leave the GPU idle until the host had launched the loss's first kernels.
-    where = mask.nonzero()
-    rows = where[:, 0] * labels.shape[1] + where[:, 1]  # position (b, t) of [batch, seq] flattened
-    hidden = lm.model(input_ids=input_ids, use_cache=False, **model_inputs).last_hidden_state
-    hidden = hidden.reshape(-1, hidden.shape[-1]).index_select(0, rows)
-    targets = labels.reshape(-1).index_select(0, rows + 1)
+    hidden, targets, mask = labelled_hidden(lm, input_ids, labels, **model_inputs)
     pieces = [
         checkpoint(
             _chunk_logprobs,

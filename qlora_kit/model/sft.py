@@ -5,7 +5,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from qlora_kit.model.logprobs import labelled_logprobs, plain_labelled_logprobs
+from qlora_kit.model.logprobs import labelled_hidden, labelled_logprobs, plain_labelled_logprobs
+from qlora_kit.modules.linear_cross_entropy import linear_nll_sum
 
 
 def causal_lm_loss(
@@ -18,14 +19,21 @@ def causal_lm_loss(
 ) -> torch.Tensor:
     """Sum of next-token NLL over positions whose label is set, divided by the label count.
 
-    The log-probabilities come from the chunked, labelled-positions-only path of
-    :func:`~qlora_kit.model.logprobs.labelled_logprobs`: the ``[tokens, vocab]`` fp32 logits never
-    exist beyond one chunk. ``num_items_in_batch`` is the label count of the whole accumulated
-    batch when the Trainer provides it.
+    The lm_head runs on the labelled positions only, chunk by chunk: the ``[tokens, vocab]`` fp32
+    logits never exist beyond one chunk. A frozen lm_head (LoRA's case) goes through
+    :func:`~qlora_kit.modules.linear_cross_entropy.linear_nll_sum`, which makes the gradient in the
+    forward pass; any other through :func:`~qlora_kit.model.logprobs.labelled_logprobs`.
+    ``num_items_in_batch`` is the label count of the whole accumulated batch when the Trainer provides it.
     """
-    scored = labelled_logprobs(lm, input_ids, labels, chunk_tokens, **model_inputs)
-    count = num_items_in_batch if num_items_in_batch is not None else scored.mask.sum().clamp(min=1)
-    return -scored.logps.sum() / count
+    head = lm.lm_head
+    if isinstance(head, nn.Linear) and not head.weight.requires_grad and head.bias is None:
+        hidden, targets, mask = labelled_hidden(lm, input_ids, labels, **model_inputs)
+        nll = linear_nll_sum(hidden, head, targets, chunk_tokens)
+    else:  # a trained or wrapped lm_head: its own gradient, through autograd
+        scored = labelled_logprobs(lm, input_ids, labels, chunk_tokens, **model_inputs)
+        nll, mask = -scored.logps.sum(), scored.mask
+    count = num_items_in_batch if num_items_in_batch is not None else mask.sum().clamp(min=1)
+    return nll / count
 
 
 def plain_causal_lm_loss(

@@ -1,0 +1,92 @@
+"""The summed NLL through a frozen lm_head, gradient made in the forward, against float64 autograd references."""
+
+import pytest
+import torch
+from torch import nn
+from torch.nn import functional as F
+from transformers import LlamaConfig, LlamaForCausalLM
+
+from qlora_kit.model.sft import causal_lm_loss
+from qlora_kit.modules.linear_cross_entropy import linear_nll_sum
+
+
+def _head(d: int = 16, vocab: int = 50, seed: int = 0) -> nn.Linear:
+    torch.manual_seed(seed)
+    head = nn.Linear(d, vocab, bias=False, dtype=torch.float64)
+    head.weight.requires_grad_(False)
+    return head
+
+
+@pytest.mark.parametrize("chunk_tokens", [1, 8, 37, 100])
+def test_loss_and_gradient_equal_autograd_of_cross_entropy(chunk_tokens):
+    head = _head()
+    hidden = torch.randn(37, 16, dtype=torch.float64, requires_grad=True)
+    targets = torch.randint(0, 50, (37,))
+    loss = linear_nll_sum(hidden, head, targets, chunk_tokens)
+    (grad,) = torch.autograd.grad(3.0 * loss, hidden)  # the incoming gradient scales the kept one
+
+    reference_hidden = hidden.detach().clone().requires_grad_(True)
+    reference = F.cross_entropy(reference_hidden @ head.weight.t(), targets, reduction="sum")
+    (reference_grad,) = torch.autograd.grad(3.0 * reference, reference_hidden)
+    torch.testing.assert_close(loss, reference, rtol=1e-12, atol=0)
+    torch.testing.assert_close(grad, reference_grad, rtol=1e-10, atol=1e-12)
+
+
+def test_no_rows_give_zero_and_a_gradient_of_their_shape():
+    hidden = torch.randn(0, 16, dtype=torch.float64, requires_grad=True)
+    loss = linear_nll_sum(hidden, _head(), torch.zeros(0, dtype=torch.long))
+    loss.backward()
+    assert loss.item() == 0 and hidden.grad.shape == (0, 16)
+
+
+def test_without_grad_the_same_loss():
+    head, hidden, targets = _head(), torch.randn(9, 16, dtype=torch.float64), torch.randint(0, 50, (9,))
+    with torch.no_grad():
+        plain = linear_nll_sum(hidden, head, targets, 4)
+    assert plain.item() == linear_nll_sum(hidden.requires_grad_(True), head, targets, 4).item()
+
+
+def test_a_trained_lm_head_is_refused():
+    head = _head()
+    head.weight.requires_grad_(True)
+    with pytest.raises(ValueError, match="frozen lm_head"):
+        linear_nll_sum(torch.randn(2, 16), head, torch.zeros(2, dtype=torch.long))
+
+
+def test_sft_loss_and_gradients_equal_the_full_logits_path():
+    """causal_lm_loss (frozen lm_head: linear_nll_sum) against the model's full logits, float64, with
+    unlabelled positions in every row and a chunk that does not divide the labelled count."""
+    torch.manual_seed(0)
+    config = LlamaConfig(
+        vocab_size=64,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        tie_word_embeddings=False,
+    )
+    lm = LlamaForCausalLM(config).double()
+    lm.lm_head.weight.requires_grad_(False)
+    ids = torch.randint(0, 64, (3, 12))
+    labels = ids.clone()
+    labels[0, :5] = -100
+    labels[1, 3:7] = -100
+    labels[2, 10:] = -100
+
+    def loss_and_grads(loss_fn, **kwargs):
+        lm.zero_grad(set_to_none=True)
+        loss = loss_fn(lm, ids, labels, **kwargs)
+        loss.backward()
+        return loss.detach(), [p.grad.clone() for p in lm.parameters() if p.requires_grad]
+
+    def full_logits_loss(lm, ids, labels):  # every position's logits in float64, then the labelled ones
+        logits, targets = lm(input_ids=ids).logits[:, :-1], labels[:, 1:]
+        mask = targets != -100
+        return F.cross_entropy(logits[mask], targets[mask], reduction="sum") / mask.sum()
+
+    loss, grads = loss_and_grads(causal_lm_loss, chunk_tokens=7)
+    reference, reference_grads = loss_and_grads(full_logits_loss)
+    torch.testing.assert_close(loss, reference, rtol=1e-12, atol=0)
+    for g, r in zip(grads, reference_grads, strict=True):
+        torch.testing.assert_close(g, r, rtol=1e-9, atol=1e-12)
