@@ -3,10 +3,10 @@
 ``log p(labels[t] | input_ids[:t])`` for every position whose label is set (not -100). The
 fast path runs the decoder once and the vocabulary projection only on the labelled
 positions (for chat data, the responses), chunk by chunk, each chunk recomputed in backward:
-the ``[tokens, vocab]`` fp32 logits never exist beyond one chunk. (The SFT loss, a plain sum,
-takes :func:`labelled_hidden` to :mod:`qlora_kit.modules.linear_cross_entropy` instead, which
-needs no recompute.) The plain path takes the
-model's full ``[batch, seq, vocab]`` logits (the reference for the chunked one).
+the ``[tokens, vocab]`` fp32 logits never exist beyond one chunk. The plain path takes the
+model's full ``[batch, seq, vocab]`` logits (the reference for the chunked one). The SFT loss,
+a plain sum, takes :func:`labelled_hidden` to :mod:`qlora_kit.modules.linear_cross_entropy`
+instead, which needs no recompute.
 
 With ``stats``, each labelled position also gets, without gradient, the next-token
 distribution's entropy, its mean logit and whether the label is its most likely token: the
