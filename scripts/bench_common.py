@@ -56,20 +56,29 @@ def busy_time(intervals: list[tuple[float, float]]) -> float:
     return busy
 
 
+def kernels_by_stream(events) -> dict[int, list]:
+    """A profiled step's CUDA kernel events (``prof.events()``), per stream."""
+    from torch.autograd import DeviceType
+
+    streams: dict[int, list] = {}
+    for e in events:
+        if e.device_type == DeviceType.CUDA:
+            streams.setdefault(e.device_resource_id, []).append(e)
+    return streams
+
+
 def gpu_timeline(events) -> str:
     """Lines on a profiled step's CUDA kernels (``torch.profiler``'s ``prof.events()``): per stream and
     for the GPU as a whole, how long kernels ran against the span from the first kernel to the last. A
     compute stream idle for much of the span points at the host (launches, syncs), not at the kernels."""
-    from torch.autograd import DeviceType
-
-    kernels = [e for e in events if e.device_type == DeviceType.CUDA]
-    if not kernels:
+    streams = {
+        stream: [(e.time_range.start, e.time_range.end) for e in kernels]
+        for stream, kernels in kernels_by_stream(events).items()
+    }
+    if not streams:
         return "no CUDA kernels recorded"
-    span = max(e.time_range.end for e in kernels) - min(e.time_range.start for e in kernels)
-    streams: dict[int, list[tuple[float, float]]] = {}
-    for e in kernels:
-        streams.setdefault(e.device_resource_id, []).append((e.time_range.start, e.time_range.end))
     everything = [interval for intervals in streams.values() for interval in intervals]
+    span = max(end for _, end in everything) - min(start for start, _ in everything)
     lines = [
         f"kernels from first to last: {span / 1e3:.1f} ms; some kernel running: {busy_time(everything) / span:.0%}"
     ]
@@ -92,12 +101,9 @@ def idle_report(events, top: int = 20, min_gap_us: float = 5.0) -> str:
     """
     from torch.autograd import DeviceType
 
-    kernels = [e for e in events if e.device_type == DeviceType.CUDA]
-    if not kernels:
+    streams = kernels_by_stream(events)
+    if not streams:
         return "no CUDA kernels recorded"
-    streams: dict[int, list] = {}
-    for e in kernels:
-        streams.setdefault(e.device_resource_id, []).append(e)
     main = sorted(max(streams.values(), key=len), key=lambda e: e.time_range.start)
     # A kernel and the CUDA runtime call that launched it (cudaLaunchKernel, ...) share their
     # correlation id; the op that made that call encloses it on the host thread.

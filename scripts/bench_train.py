@@ -24,8 +24,6 @@ allocations and compiled kernels cannot reach the next one. A side whose package
 is skipped with a message. --pythonpath SIDE=DIR puts DIR first on that side's PYTHONPATH
 (e.g. Unsloth's packages, kept apart from the project's); the unsloth side runs offline.
 
-"host s" is how long the host took to launch a step (up to its final synchronization; bitsandbytes'
-paged optimizer synchronizes inside its step, so it is the step's length with that optimizer).
 --profile FILE writes, per side, how far the host was ahead of the GPU at each decoder layer's start
 (an unprofiled step), the kernels' busy time per stream, the compute stream's idle gaps put down to
 the ops that launched the kernel after them, and torch.profiler's kernel table.
@@ -366,16 +364,13 @@ def run_side(side: str, config, args, device: torch.device) -> dict:
         optimizer.zero_grad(set_to_none=True)
         return loss
 
-    host_times = []
     for i, ids in enumerate(batches):
         _sync(device)
         start = time.perf_counter()
         loss = train_step(ids)
-        launched = time.perf_counter()
         _sync(device)
         if i >= args.warmup:
             times.append(time.perf_counter() - start)
-            host_times.append(launched - start)
         losses.append(loss.item())
     if args.profile:
         lead = host_lead(model, train_step, batches[-1]) if cuda else "host lead: CUDA only"
@@ -402,8 +397,6 @@ def run_side(side: str, config, args, device: torch.device) -> dict:
         "side": side,
         "pid": os.getpid(),
         "step_s": step,
-        # How long the host took to launch the step (all of it but the final sync): near step_s, host-bound.
-        "host_s": sorted(host_times)[len(host_times) // 2],
         "tokens_per_s": batch * seq / step,
         "peak_allocated": torch.cuda.max_memory_allocated() if cuda else None,
         "peak_reserved": torch.cuda.max_memory_reserved() if cuda else None,
@@ -648,14 +641,14 @@ def print_tables(results: dict, config) -> None:
         "TFLOP/s; each side in its own process"
     )
     w = max(14, *(len(s) + 1 for s in sides))
-    print(f"{'':{w}}{'s/step':>9}{'host s':>8}{'tokens/s':>10}{'peak GiB':>10}{'MFU':>7}   losses")
+    print(f"{'':{w}}{'s/step':>9}{'tokens/s':>10}{'peak GiB':>10}{'MFU':>7}   losses")
     for side, r in sides.items():
         if "skipped" in r or "error" in r:
             print(f"{side:{w}}{'skipped: ' + r['skipped'] if 'skipped' in r else 'error: ' + r['error']}")
             continue
         peak = f"{r['peak_allocated'] * gib:10.2f}" if r["peak_allocated"] is not None else f"{'n/a':>10}"
         print(
-            f"{side:{w}}{r['step_s']:9.3f}{r['host_s']:8.3f}{r['tokens_per_s']:10.0f}{peak}{r['mfu']:7.1%}   "
+            f"{side:{w}}{r['step_s']:9.3f}{r['tokens_per_s']:10.0f}{peak}{r['mfu']:7.1%}   "
             + " ".join(f"{x:.3f}" for x in r["losses"][:3])
         )
     measured = [s for s, r in sides.items() if "tokens_per_s" in r]

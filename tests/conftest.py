@@ -17,6 +17,25 @@ if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
 
+@pytest.fixture
+def tiny_llama_config():
+    """A factory of two-layer Llama configs of hidden size 32 and vocabulary 64; keywords override or add fields."""
+    from transformers import LlamaConfig
+
+    def make(**overrides) -> LlamaConfig:
+        fields = dict(
+            vocab_size=64,
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+        )
+        return LlamaConfig(**{**fields, **overrides})
+
+    return make
+
+
 @pytest.fixture(scope="session")
 def tiny_model_dir(tmp_path_factory):
     """A 2-layer Llama with random weights and SmolLM2's tokenizer (chat template included)."""

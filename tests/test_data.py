@@ -10,7 +10,7 @@ from types import SimpleNamespace
 import datasets
 import pytest
 import torch
-from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+from transformers import AutoTokenizer, LlamaForCausalLM
 
 from qlora_kit.data import (
     IGNORE_INDEX,
@@ -240,17 +240,9 @@ def test_packing_keeps_examples_whole_with_positions_restarting(tok, tmp_path):
     assert sorted(pieces) == sorted((r["input_ids"], r["labels"][1:]) for r in plain)
 
 
-def test_packed_rows_compute_the_same_logits_as_separate_examples():
+def test_packed_rows_compute_the_same_logits_as_separate_examples(tiny_llama_config):
     torch.manual_seed(0)
-    config = LlamaConfig(
-        vocab_size=64,
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        attn_implementation="sdpa",
-    )
+    config = tiny_llama_config(attn_implementation="sdpa")
     model = LlamaForCausalLM(config).eval()
     examples = [torch.randint(3, 64, (n,)).tolist() for n in (5, 3, 6)]
     packed = pack(datasets.Dataset.from_dict({"input_ids": examples, "labels": examples}), max_seq_len=9)

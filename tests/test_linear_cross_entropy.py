@@ -4,7 +4,7 @@ import pytest
 import torch
 from torch import nn
 from torch.nn import functional as F
-from transformers import LlamaConfig, LlamaForCausalLM
+from transformers import LlamaForCausalLM
 
 from qlora_kit.model.sft import causal_lm_loss
 from qlora_kit.modules.linear_cross_entropy import linear_nll_sum
@@ -53,19 +53,11 @@ def test_a_trained_lm_head_is_refused():
         linear_nll_sum(torch.randn(2, 16), head, torch.zeros(2, dtype=torch.long))
 
 
-def test_sft_loss_and_gradients_equal_the_full_logits_path():
+def test_sft_loss_and_gradients_equal_the_full_logits_path(tiny_llama_config):
     """causal_lm_loss (frozen lm_head: linear_nll_sum) against the model's full logits, float64, with
     unlabelled positions in every row and a chunk that does not divide the labelled count."""
     torch.manual_seed(0)
-    config = LlamaConfig(
-        vocab_size=64,
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        tie_word_embeddings=False,
-    )
+    config = tiny_llama_config(tie_word_embeddings=False)
     lm = LlamaForCausalLM(config).double()
     lm.lm_head.weight.requires_grad_(False)
     ids = torch.randint(0, 64, (3, 12))

@@ -536,19 +536,10 @@ def test_cli_merge_and_its_errors(tmp_path, run, capsys):
     assert code == 2 and "qlora-kit: error: --group-size 48" in err and "Traceback" not in err
 
 
-def test_response_loss_is_the_mean_over_labelled_tokens():
+def test_response_loss_is_the_mean_over_labelled_tokens(tiny_llama_config):
     """Against transformers' own loss (labels -100 ignored), on rows of different lengths."""
     torch.manual_seed(0)
-    model = LlamaForCausalLM(
-        LlamaConfig(
-            vocab_size=64,
-            hidden_size=32,
-            intermediate_size=64,
-            num_hidden_layers=2,
-            num_attention_heads=4,
-            num_key_value_heads=2,
-        )
-    ).eval()
+    model = LlamaForCausalLM(tiny_llama_config()).eval()
     rows = []
     for n, prompt in ((9, 4), (6, 2), (12, 7)):
         ids = torch.randint(0, 64, (n,)).tolist()

@@ -171,10 +171,7 @@ class _KeptAttention:
         self.replaying = False
 
     def replay(self) -> None:
-        """Start copying the kept tensors back; the recompute's attention calls take them in order."""
-        for entry in self.entries:
-            for kept in entry[:2] if entry else ():
-                kept.prefetch()
+        """From now on the attention calls take the kept tensors, in order (they come back with the layer input)."""
         self.replaying = True
 
     def next(self) -> tuple[_Offloaded, _Offloaded, tuple] | None:
@@ -260,7 +257,6 @@ class _OffloadedCheckpoint(torch.autograd.Function):
     def backward(ctx, grad_out: torch.Tensor):
         kept, ctx.kept = ctx.kept, None
         if kept is not None:
-            # Before the layer input below queues the next layer's: the recompute needs these first.
             kept.replay()
         hidden = ctx.offloaded.take().requires_grad_(True)
         ctx.offloaded = None

@@ -6,7 +6,7 @@ import torch
 from torch import nn
 
 from qlora_kit.model.logprobs import labelled_hidden, labelled_logprobs, plain_labelled_logprobs
-from qlora_kit.modules.linear_cross_entropy import linear_nll_sum
+from qlora_kit.modules import linear_cross_entropy
 
 
 def causal_lm_loss(
@@ -25,10 +25,9 @@ def causal_lm_loss(
     forward pass; any other through :func:`~qlora_kit.model.logprobs.labelled_logprobs`.
     ``num_items_in_batch`` is the label count of the whole accumulated batch when the Trainer provides it.
     """
-    head = lm.lm_head
-    if isinstance(head, nn.Linear) and not head.weight.requires_grad and head.bias is None:
+    if linear_cross_entropy.supports(lm.lm_head):
         hidden, targets, mask = labelled_hidden(lm, input_ids, labels, **model_inputs)
-        nll = linear_nll_sum(hidden, head, targets, chunk_tokens)
+        nll = linear_cross_entropy.linear_nll_sum(hidden, lm.lm_head, targets, chunk_tokens)
     else:  # a trained or wrapped lm_head: its own gradient, through autograd
         scored = labelled_logprobs(lm, input_ids, labels, chunk_tokens, **model_inputs)
         nll, mask = -scored.logps.sum(), scored.mask

@@ -15,6 +15,11 @@ import torch
 from torch import nn
 
 
+def supports(lm_head: nn.Module) -> bool:
+    """Whether ``lm_head`` is what :func:`linear_nll_sum` takes: a frozen ``nn.Linear`` without bias."""
+    return isinstance(lm_head, nn.Linear) and not lm_head.weight.requires_grad and lm_head.bias is None
+
+
 def linear_nll_sum(
     hidden: torch.Tensor, lm_head: nn.Linear, targets: torch.Tensor, chunk_tokens: int = 1024
 ) -> torch.Tensor:
@@ -25,7 +30,7 @@ def linear_nll_sum(
     fp32, as ``cross_entropy(lm_head(hidden).float(), targets)`` does; the gradient to ``hidden``
     goes through the same projection's dtype.
     """
-    if lm_head.weight.requires_grad or lm_head.bias is not None:
+    if not supports(lm_head):
         raise ValueError("linear_nll_sum needs a frozen lm_head without bias")
     # Without a backward to come (evaluation), the gradient is not made.
     need_grad = torch.is_grad_enabled() and hidden.requires_grad
@@ -39,6 +44,7 @@ class _LinearNLLSum(torch.autograd.Function):
         softmax_dtype = torch.promote_types(lm_head.weight.dtype, torch.float32)
         total = hidden.new_zeros((), dtype=softmax_dtype)
         grad = torch.empty_like(hidden) if need_grad else hidden.new_empty(0)
+        weight = None  # W in the projection's dtype, cast once (z's dtype is known after the first chunk)
         for start in range(0, hidden.shape[0], chunk_tokens):
             h, t = hidden[start : start + chunk_tokens], targets[start : start + chunk_tokens]
             z = lm_head(h)
@@ -49,7 +55,9 @@ class _LinearNLLSum(torch.autograd.Function):
             # d(-log p_t)/dz = softmax(z) - onehot(t), made in place of the logits.
             dz = logits.sub_(logits.logsumexp(-1, keepdim=True)).exp_()
             dz[torch.arange(t.numel(), device=t.device), t] -= 1
-            grad[start : start + chunk_tokens] = dz.to(z.dtype) @ lm_head.weight.to(z.dtype)
+            if weight is None:
+                weight = lm_head.weight.to(z.dtype)
+            grad[start : start + chunk_tokens] = dz.to(z.dtype) @ weight
         ctx.save_for_backward(grad)
         return total
 
