@@ -13,6 +13,7 @@ constraints.txt pins the exact versions CI runs.
 | ``LayerWiseDummyOptimizer`` for optimizers stepped inside backward | transformers.trainer_pt_utils | pipelines/optim.py |
 | the 8-bit optimizers' per-tensor step pieces | bitsandbytes Optimizer8bit | pipelines/optim.py |
 | the module global ``apply_rotary_pos_emb`` the attention forward calls | transformers modeling_<family> | model/fused.py |
+| the module global ``create_causal_mask`` the decoder's forward calls, with keyword arguments | transformers modeling_<family> | model/fused.py |
 | the ``"sdpa"`` entry of the attention functions the attention forward looks up | transformers ALL_ATTENTION_FUNCTIONS | model/offload.py |
 | the flash and cuDNN attention kernels and their backward, ``aten._scaled_dot_product_{flash,cudnn}_attention*``; sdpa's kernel choice ``torch._fused_sdp_choice`` | torch | modules/flash_attention.py |
 | the GGUF name map and tensor processors | transformers.modeling_gguf_pytorch_utils | model/sources.py |
@@ -30,7 +31,7 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
-# transformers.Trainer methods the QLoRA trainer overrides (private: not a documented API).
+# transformers.Trainer methods the QLoRA trainer overrides (mostly private: not a documented API).
 TRAINER_HOOKS = (
     "_save",
     "_load_from_checkpoint",
@@ -38,10 +39,15 @@ TRAINER_HOOKS = (
     "_load_optimizer_and_scheduler",
     "_load_rng_state",
     "_save_checkpoint",
+    "get_optimizer_cls_and_kwargs",
 )
 
 # The module global transformers' attention forwards call for rotary embeddings.
 ROTARY_GLOBAL = "apply_rotary_pos_emb"
+# The module global transformers' decoder forwards call for the causal mask (keyword arguments), and the
+# names its KV cache argument has had (transformers 5.17: past_key_values; 5.24: cache).
+MASK_GLOBAL = "create_causal_mask"
+MASK_CACHE_KEYWORDS = ("past_key_values", "cache")
 
 # Optimizer8bit methods and attributes a step without per-tensor synchronizations calls.
 BNB_STEP_PARTS = ("initialized", "check_overrides", "to_gpu", "init_state", "prefetch_state", "update_step")
@@ -159,6 +165,16 @@ def rotary_function(modeling: types.ModuleType) -> Callable:
 def set_rotary_function(modeling: types.ModuleType, fn: Callable) -> None:
     """Replace the ``apply_rotary_pos_emb`` global the modeling module's attention forward calls."""
     setattr(modeling, ROTARY_GLOBAL, fn)
+
+
+def causal_mask_function(modeling: types.ModuleType) -> Callable | None:
+    """The ``create_causal_mask`` global of a transformers modeling module (None where it has none)."""
+    return getattr(modeling, MASK_GLOBAL, None)
+
+
+def set_causal_mask_function(modeling: types.ModuleType, fn: Callable) -> None:
+    """Replace the ``create_causal_mask`` global the modeling module's decoder forward calls."""
+    setattr(modeling, MASK_GLOBAL, fn)
 
 
 def gguf_tensor_mapping():

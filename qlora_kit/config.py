@@ -128,6 +128,9 @@ class TrainingSection:
     # false (with offload_activations): the attention output and logsumexp are kept in CPU memory with the
     # checkpoint and the recompute skips attention (qlora_kit/modules/flash_attention.py): long context.
     recompute_attention: bool = True
+    # false (with offload_activations): the q, k, v and o projections' outputs too; the recompute skips their
+    # GEMMs (qlora_kit/modules/kept.py).
+    recompute_projections: bool = True
     offload_embeddings: bool = False
     # With optimizer_in_backward: LoRA weights in CPU memory, on the GPU (bf16) only while their layer runs.
     offload_adapters: bool = False
@@ -560,6 +563,11 @@ def _validate(recipe: Recipe, where: Callable[[str], str]) -> None:
         raise RecipeError(
             f"{where('training.recompute_attention')}: training.recompute_attention=false keeps the attention "
             "output with the offloaded checkpoint: set training.offload_activations=true"
+        )
+    if not t.recompute_projections and not t.offload_activations:
+        raise RecipeError(
+            f"{where('training.recompute_projections')}: training.recompute_projections=false keeps the "
+            "projections' outputs with the offloaded checkpoint: set training.offload_activations=true"
         )
     if not t.recompute_attention and recipe.model.attn_implementation != "sdpa":
         raise RecipeError(

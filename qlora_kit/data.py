@@ -37,6 +37,7 @@ from torch.nn.utils.rnn import pad_sequence
 from trl.data_utils import pack_dataset
 
 from qlora_kit.errors import MissingFileError, UserInputError
+from qlora_kit.model.logprobs import find_labelled_positions
 
 logger = logging.getLogger(__name__)
 
@@ -446,9 +447,13 @@ class DataCollator:
     """Pads a list of tokenized rows into a batch of tensors (right padding).
 
     input_ids are padded with the pad token (EOS when the tokenizer has none), labels with
-    -100. Unpacked rows get an attention_mask. Packed rows keep their position_ids instead,
-    and the batch carries ``use_cache=False``: with a KV cache (the model default outside
-    gradient checkpointing) transformers does not build the per-example mask from them.
+    -100. Unpacked rows get no attention mask: causal attention never lets a token see the pads
+    after it, and the pads' labels are -100, so the loss and its gradients are those of the rows
+    alone; without a mask transformers takes the causal kernel without first reading the mask on
+    the GPU (a host sync per step). Packed rows keep their position_ids instead, and the batch
+    carries ``use_cache=False``: with a KV cache (the model default outside gradient
+    checkpointing) transformers does not build the per-example mask from them.
+    ``labelled_positions`` are the positions the loss reads, found here on the CPU for the same reason.
     """
 
     def __init__(self, tokenizer: Any) -> None:
@@ -469,10 +474,7 @@ class DataCollator:
             # Padding positions are 0: each pad token is then an example of its own, seen by no one.
             batch["position_ids"] = padded("position_ids", 0)
             batch["use_cache"] = False
-        else:
-            batch["attention_mask"] = pad_sequence(
-                [torch.ones(len(row["input_ids"]), dtype=torch.long) for row in rows], batch_first=True
-            )
+        batch["labelled_positions"] = find_labelled_positions(batch["labels"])
         return batch
 
 

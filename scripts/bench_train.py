@@ -6,7 +6,8 @@ benchmark, so that all sides are measured by the same loop.
 Every side gets a Llama-shape model with random weights in NF4 + double quantization,
 LoRA on all seven projections, gradient checkpointing, bitsandbytes' PagedAdamW8bit,
 bf16 autocast, and the same random tokens (every position labelled). Warm-up steps are
-excluded; the timed steps are synchronized.
+excluded; the timed steps run back to back (as in the Trainer), the GPU synchronized before the
+first and after the last.
 
   stock:   LlamaForCausalLM with bitsandbytes Linear4bit (nf4, compress_statistics), non-reentrant
            checkpointing, sdpa, peft.get_peft_model(LoraConfig(target_modules="all-linear")),
@@ -25,8 +26,8 @@ is skipped with a message. --pythonpath SIDE=DIR puts DIR first on that side's P
 (e.g. Unsloth's packages, kept apart from the project's); the unsloth side runs offline.
 
 --profile FILE writes, per side, how far the host was ahead of the GPU at each decoder layer's start
-(an unprofiled step), the kernels' busy time per stream, the compute stream's idle gaps put down to
-the ops that launched the kernel after them, and torch.profiler's kernel table.
+(an unprofiled step), then for two steps run back to back the kernels' busy time per stream, the compute
+stream's idle gaps put down to the ops that launched the kernel after them, and torch.profiler's kernel table.
 
 Model FLOPs per step: tokens * (4 * frozen params + 6 * LoRA params) for the linears
 (forward + input gradient, plus weight gradients for LoRA) + causal attention
@@ -70,6 +71,11 @@ OURS = {
     "ours-offload": ["training.offload_activations=true", "training.offload_embeddings=true"],
     "ours-ckpt-offload": ["training.offload_activations=true"],
     "ours-ckpt-offload-attn": ["training.offload_activations=true", "training.recompute_attention=false"],
+    "ours-ckpt-offload-kept": [
+        "training.offload_activations=true",
+        "training.recompute_attention=false",
+        "training.recompute_projections=false",
+    ],
     "ours-fp8": ["training.fp8_base_matmul=true"],
     "ours-fp8-offload": ["training.fp8_base_matmul=true", "training.offload_activations=true"],
     "ours-fp8-backward": ["training.fp8_base_matmul=backward"],
@@ -305,6 +311,8 @@ def load_unsloth(path: Path, recipe, seq: int):
 def run_side(side: str, config, args, device: torch.device) -> dict:
     from bench_common import bench_recipe
 
+    from qlora_kit.model.logprobs import find_labelled_positions
+
     cuda = device.type == "cuda"
     if cuda:
         torch.cuda.reset_peak_memory_stats()
@@ -331,7 +339,7 @@ def run_side(side: str, config, args, device: torch.device) -> dict:
         else:  # the CPU dry run: bitsandbytes' paged optimizers need CUDA
             optimizer = torch.optim.AdamW(params, lr=recipe.training.learning_rate)
 
-        def step_loss(ids, model=model):
+        def step_loss(ids, positions, model=model):
             return model(input_ids=ids, labels=ids).loss
 
     else:
@@ -342,8 +350,8 @@ def run_side(side: str, config, args, device: torch.device) -> dict:
         params = [p for p in model.parameters() if p.requires_grad]
         optimizer = make_optimizer(built, recipe)
 
-        def step_loss(ids, model=model):
-            return model(input_ids=ids, labels=ids)["loss"]
+        def step_loss(ids, positions, model=model):
+            return model(input_ids=ids, labels=ids, labelled_positions=positions)["loss"]
 
     weights_bytes = torch.cuda.memory_allocated() if cuda else None
     lora_params = sum(p.numel() for p in params)
@@ -353,30 +361,36 @@ def run_side(side: str, config, args, device: torch.device) -> dict:
         for _ in range(1 if args.same_batch else args.warmup + args.steps)
     ]
     batches = batches * (args.warmup + args.steps) if args.same_batch else batches
-    losses, times = [], []
+    # What the data collator adds to each batch for ours: the labelled positions, found off the GPU's path.
+    batches = [(ids, find_labelled_positions(ids)) for ids in batches]
 
-    def train_step(ids):
+    def train_step(ids, positions):
         # bf16 autocast on the GPU; the CPU dry run stays in fp32 (the CPU recipe's compute dtype).
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=cuda):
-            loss = step_loss(ids)
+            loss = step_loss(ids, positions)
         loss.backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
-        return loss
+        return loss.detach()
 
-    for i, ids in enumerate(batches):
-        _sync(device)
-        start = time.perf_counter()
-        loss = train_step(ids)
-        _sync(device)
-        if i >= args.warmup:
-            times.append(time.perf_counter() - start)
-        losses.append(loss.item())
+    losses = []
+    for ids, positions in batches[: args.warmup]:
+        losses.append(train_step(ids, positions).item())
+    # The timed steps run back to back as the Trainer runs them: a side whose step never waits for
+    # the GPU queues the next step while this one runs.
+    _sync(device)
+    start = time.perf_counter()
+    timed = [train_step(ids, positions) for ids, positions in batches[args.warmup :]]
+    _sync(device)
+    step = (time.perf_counter() - start) / len(timed)
+    losses += [loss.item() for loss in timed]
     if args.profile:
         lead = host_lead(model, train_step, batches[-1]) if cuda else "host lead: CUDA only"
         activities = [torch.profiler.ProfilerActivity.CPU, torch.profiler.ProfilerActivity.CUDA]
+        # Two steps back to back, as they run in training: the second starts with the first still queued.
         with torch.profiler.profile(activities=activities) as prof:
-            train_step(batches[-1])
+            for step_batch in batches[-2:]:
+                train_step(*step_batch)
             _sync(device)
         from bench_common import gpu_timeline, idle_report
 
@@ -386,13 +400,12 @@ def run_side(side: str, config, args, device: torch.device) -> dict:
             f.write(f"{lead}\n{gpu_timeline(events)}\n{idle_report(events)}\n\n{table}")
     if args.memory_snapshot:
         torch.cuda.memory._record_memory_history(max_entries=1_000_000)
-        train_step(batches[-1])
+        train_step(*batches[-1])
         _sync(device)
         snapshot = torch.cuda.memory._snapshot()
         torch.cuda.memory._record_memory_history(enabled=None)
         with open(f"{args.memory_snapshot}.{side}.txt", "w") as f:
             f.write(peak_report(snapshot))
-    step = sorted(times)[len(times) // 2]
     return {
         "side": side,
         "pid": os.getpid(),
@@ -408,7 +421,7 @@ def run_side(side: str, config, args, device: torch.device) -> dict:
     }
 
 
-def host_lead(model, train_step, ids) -> str:
+def host_lead(model, train_step, batch) -> str:
     """Lines on how far ahead of the GPU the host was when each decoder layer started (forward and
     recompute) in one unprofiled step: near 0, the GPU was waiting for the host's launches there."""
     from qlora_kit.compat import in_backward
@@ -427,7 +440,7 @@ def host_lead(model, train_step, ids) -> str:
     torch.cuda.synchronize()
     mark("start")
     try:
-        train_step(ids)
+        train_step(*batch)
     finally:
         for h in hooks:
             h.remove()

@@ -39,12 +39,41 @@ def tiny_llama_config():
 @pytest.fixture(scope="session")
 def tiny_model_dir(tmp_path_factory):
     """A 2-layer Llama with random weights and SmolLM2's tokenizer (chat template included)."""
-    from transformers import LlamaConfig, LlamaForCausalLM
-
     from qlora_kit.model.sources import load_tokenizer, resolve_source
 
-    path = tmp_path_factory.mktemp("tiny-llama")
-    tokenizer = load_tokenizer(resolve_source("smollm2"))
+    return _save_tiny_llama(tmp_path_factory.mktemp("tiny-llama"), load_tokenizer(resolve_source("smollm2")))
+
+
+@pytest.fixture(scope="session")
+def word_model_dir(tmp_path_factory):
+    """The same 2-layer Llama over a tokenizer made here (the task's words, a chat template): no embedded
+    model needed, for machines without it (the GPU box)."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    words = ["<unk>", "<s>", "</s>", "<pad>", "user", "assistant", "Question", ":", ".", "say", "the", "word", "banana"]
+    vocab = {w: i for i, w in enumerate(words + [str(i) for i in range(64)])}
+    tokenizer = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tokenizer.pre_tokenizer = pre_tokenizers.Whitespace()
+    template = (
+        "{% for m in messages %}<s> {{ m['role'] }} {{ m['content'] }} </s> {% endfor %}"
+        "{% if add_generation_prompt %}<s> assistant {% endif %}"
+    )
+    fast = PreTrainedTokenizerFast(
+        tokenizer_object=tokenizer,
+        unk_token="<unk>",
+        bos_token="<s>",
+        eos_token="</s>",
+        pad_token="<pad>",
+        chat_template=template,
+    )
+    return _save_tiny_llama(tmp_path_factory.mktemp("word-llama"), fast)
+
+
+def _save_tiny_llama(path: Path, tokenizer) -> Path:
+    """A 2-layer Llama with random weights (seed 0) over ``tokenizer``'s vocabulary, saved with it in ``path``."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
     torch.manual_seed(0)
     config = LlamaConfig(
         hidden_size=64,

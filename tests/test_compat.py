@@ -22,6 +22,7 @@ def test_trainer_has_the_private_hooks_we_override():
         "_load_optimizer_and_scheduler": ["self", "checkpoint"],
         "_load_rng_state": ["self", "checkpoint"],
         "_save_checkpoint": ["self", "model", "trial"],
+        "get_optimizer_cls_and_kwargs": ["args", "model"],  # a staticmethod
     }
     assert set(expected) == set(compat.TRAINER_HOOKS)
     for name, params in expected.items():
@@ -118,6 +119,35 @@ def test_attention_forward_calls_the_rotary_global(model_type):
     assert compat.ROTARY_GLOBAL in forward.__code__.co_names
     assert forward.__globals__ is vars(modeling)
     assert list(inspect.signature(getattr(original, "original", original)).parameters)[:4] == ["q", "k", "cos", "sin"]
+
+
+@pytest.mark.parametrize("model_type", sorted(FAMILIES))
+def test_decoder_forward_calls_the_causal_mask_global_with_keywords(model_type):
+    """The decoder's forward looks ``create_causal_mask`` up as a module global and passes everything by keyword,
+    the attention mask and the KV cache among them: what the mask dispatcher reads."""
+    import ast
+    import textwrap
+
+    modeling = importlib.import_module(f"transformers.models.{model_type}.modeling_{model_type}")
+    original = compat.causal_mask_function(modeling)
+    assert original is not None
+    forward = inspect.unwrap(getattr(modeling, f"{FAMILIES[model_type]}Model").forward)
+    assert forward.__globals__ is vars(modeling)
+    assert list(inspect.signature(getattr(original, "original", original)).parameters)[0] == "config"
+    tree = ast.parse(textwrap.dedent(inspect.getsource(forward)))
+    # Keyword dicts splatted into the call (Qwen's create_causal_mask(**mask_kwargs)), by variable name.
+    dicts = {
+        node.targets[0].id: {k.value for k in node.value.keys}
+        for node in ast.walk(tree)
+        if isinstance(node, ast.Assign) and isinstance(node.value, ast.Dict) and isinstance(node.targets[0], ast.Name)
+    }
+    calls = [n for n in ast.walk(tree) if isinstance(n, ast.Call) and ast.unparse(n.func) == compat.MASK_GLOBAL]
+    assert calls or compat.MASK_GLOBAL in forward.__code__.co_names  # Mistral's mask_function = create_causal_mask ...
+    for call in calls:
+        names = {k.arg for k in call.keywords if k.arg} | {
+            key for k in call.keywords if k.arg is None for key in dicts.get(ast.unparse(k.value), ())
+        }
+        assert not call.args and {"config", "attention_mask"} <= names and names & set(compat.MASK_CACHE_KEYWORDS)
 
 
 @pytest.mark.parametrize("model_type", sorted(FAMILIES))

@@ -250,7 +250,7 @@ def test_packed_rows_compute_the_same_logits_as_separate_examples(tiny_llama_con
     batch = DataCollator(SimpleNamespace(pad_token_id=0, eos_token_id=1))(list(packed))
     assert "attention_mask" not in batch
 
-    inputs = {k: v for k, v in batch.items() if k != "labels"}
+    inputs = {k: v for k, v in batch.items() if k not in ("labels", "labelled_positions")}
     with torch.no_grad():
         alone = {tuple(e): model(torch.tensor([e])).logits[0] for e in examples}
         logits = model(**inputs).logits
@@ -368,8 +368,9 @@ def test_collator_pads_right(tok):
     batch = DataCollator(tok)(rows)
     assert batch["input_ids"].tolist() == [[5, 6, 7], [8, tok.pad_token_id, tok.pad_token_id]]
     assert batch["labels"].tolist() == [[-100, 6, 7], [8, -100, -100]]
-    assert batch["attention_mask"].tolist() == [[1, 1, 1], [1, 0, 0]]
-    assert "position_ids" not in batch
+    assert "attention_mask" not in batch and "position_ids" not in batch
+    # (b, t) flattened, for every t whose next label is set: (0, 0) -> 6, (0, 1) -> 7; row 1 has none.
+    assert batch["labelled_positions"].tolist() == [0, 1]
 
     no_pad = SimpleNamespace(pad_token_id=None, eos_token_id=9)
     packed = [

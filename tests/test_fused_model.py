@@ -183,3 +183,41 @@ def test_rejects_unsupported_models():
         use_fused_ops(torch.nn.Sequential(torch.nn.Linear(4, 4)))
     with pytest.raises(ValueError, match="kernel"):
         use_fused_ops(tiny_model("llama"), kernel="cuda")
+
+
+@pytest.mark.parametrize("model_type", ["llama", "mistral", "qwen2", "qwen3"])
+def test_causal_only_makes_no_mask_and_trains_as_the_stock_model(model_type, monkeypatch):
+    """The SFT loss over a batch without attention mask or position ids: the switched model's decoder makes no
+    causal mask (transformers' own mask maker is not called, nor its look at the position ids on the device),
+    and the loss and LoRA gradients are the stock model's; with an attention mask the mask maker runs."""
+    import sys
+
+    from qlora_kit.model.sft import causal_lm_loss
+
+    stock = tiny_model(model_type).to(torch.float64)
+    stock.config.sliding_window = None  # Mistral's default window makes its masks with the sliding-window maker
+    ours = use_fused_ops(copy.deepcopy(stock), kernel="torch")
+    modeling = sys.modules[type(ours.model).__module__]
+    made = []
+    original = modeling.create_causal_mask.original
+    monkeypatch.setattr(
+        modeling, "create_causal_mask", fused._mask_dispatcher(lambda *a, **k: made.append(1) or original(*a, **k))
+    )
+    ids = torch.randint(0, 128, (3, 12), generator=torch.Generator().manual_seed(0)).to(DEVICE)
+    labels = ids.clone()
+    labels[0, :4] = -100
+
+    def loss_and_grads(model, **inputs):
+        model.zero_grad(set_to_none=True)
+        loss = causal_lm_loss(model, ids, labels, chunk_tokens=5, **inputs)
+        loss.backward()
+        return loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+
+    loss, grads = loss_and_grads(ours)
+    assert made == []
+    stock_loss, stock_grads = loss_and_grads(stock)
+    torch.testing.assert_close(loss, stock_loss, rtol=1e-12, atol=0)
+    for name in grads:
+        torch.testing.assert_close(grads[name], stock_grads[name], rtol=1e-9, atol=1e-12, msg=name)
+    loss_and_grads(ours, attention_mask=torch.ones_like(ids))
+    assert made == [1]  # once a forward, before the layers

@@ -177,6 +177,14 @@ def test_offloaded_checkpoints_on_copy_streams_give_the_same_gradients():
     _equal_runs(6, ["training.offload_activations=false", fused], ["training.offload_activations=true", fused])
 
 
+@pytest.mark.parametrize("attention", ["true", "false"])
+def test_kept_projections_on_copy_streams_give_the_same_gradients(attention):
+    """recompute_projections=false: q, k, v and o outputs come back from CPU memory on the copy stream instead of
+    being computed again, with attention recomputed or kept: the loss and LoRA gradients bit for bit."""
+    overrides = ["training.offload_activations=true", f"training.recompute_attention={attention}"]
+    _equal_runs(6, overrides, [*overrides, "training.recompute_projections=false"])
+
+
 @pytest.mark.parametrize("chunk", [0, 128])
 @pytest.mark.parametrize("offload", ["false", "true"])
 def test_recompute_without_down_proj_gives_the_same_gradients(monkeypatch, offload, chunk):
@@ -259,3 +267,81 @@ def test_linear_nll_sum_under_bf16_autocast_matches_float64():
         for name, (_, grad) in (("ours", ours), ("stock", stock))
     }
     assert error["ours"] <= 1.5 * error["stock"] + 1e-4, error
+
+
+@pytest.mark.parametrize("name", ["paged_adamw_8bit", "adamw_8bit", "paged_adamw_32bit"])
+def test_bitsandbytes_step_without_syncs_equals_its_own_step(name):
+    """The Trainer's and the benchmark's bitsandbytes optimizer (no synchronization after each tensor)
+    against bitsandbytes' own class: the same weights and states after three steps, bit for bit."""
+    import bitsandbytes as bnb
+
+    from qlora_kit.pipelines.optim import optimizer_class
+
+    own = {
+        "paged_adamw_8bit": bnb.optim.PagedAdamW8bit,
+        "adamw_8bit": bnb.optim.AdamW8bit,
+        "paged_adamw_32bit": bnb.optim.PagedAdamW32bit,
+    }[name]
+    ours = optimizer_class(name)
+    assert issubclass(ours, own) and ours is not own
+    g = torch.Generator("cuda").manual_seed(0)
+    shapes = [(16, 4096), (4096, 16), (5000,), (64, 64)]  # 8-bit states start at 4,096 elements
+    start = [torch.randn(s, device="cuda", generator=g) for s in shapes]
+    grads = [[torch.randn(s, device="cuda", generator=g) for s in shapes] for _ in range(3)]
+    results = []
+    for cls in (own, ours):
+        params = [torch.nn.Parameter(p.clone()) for p in start]
+        optimizer = cls(params, lr=1e-2, weight_decay=0.1)
+        for step in grads:
+            for p, grad in zip(params, step):
+                p.grad = grad.clone()
+            optimizer.step()
+        torch.cuda.synchronize()
+        results.append((params, [optimizer.state[p] for p in params]))
+    (own_params, own_states), (our_params, our_states) = results
+    for a, b, sa, sb in zip(own_params, our_params, own_states, our_states):
+        assert torch.equal(a, b)
+        for key, value in sa.items():
+            if isinstance(value, torch.Tensor):
+                assert torch.equal(value, sb[key]), key
+
+
+def test_training_steps_never_wait_for_the_gpu(tmp_path, word_model_dir, task_files, make_recipe, monkeypatch):
+    """train() on the GPU with every host-device synchronization an error from the end of step 2 to the end of
+    step 4: fetching the batch, forward, backward, clipping, the optimizer and the scheduler queue work without
+    waiting for it (logging, saving and evaluation, which read results, are outside that window)."""
+    from transformers import TrainerCallback
+
+    from qlora_kit.pipelines import train as train_module
+
+    class NoSyncs(TrainerCallback):
+        def on_step_end(self, args, state, control, **kwargs):
+            if state.global_step in (2, 4):
+                torch.cuda.set_sync_debug_mode("error" if state.global_step == 2 else "default")
+
+    trainer_class = train_module._trainer_class
+
+    def watched():
+        cls = trainer_class()
+
+        class Watched(cls):
+            def __init__(self, *args, **kwargs):
+                super().__init__(*args, **kwargs)
+                self.add_callback(NoSyncs())
+
+        return Watched
+
+    monkeypatch.setattr(train_module, "_trainer_class", watched)
+    recipe = make_recipe(
+        tmp_path,
+        word_model_dir,
+        task_files,
+        "training.max_steps=5",
+        "training.logging_steps=5",
+        "training.save_steps=5",
+    )
+    try:
+        metrics = train_module.train(recipe)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    assert metrics["train_steps"] == 5

@@ -1,12 +1,15 @@
 """The summed NLL through a frozen lm_head, gradient made in the forward, against float64 autograd references."""
 
+from types import SimpleNamespace
+
 import pytest
 import torch
 from torch import nn
 from torch.nn import functional as F
 from transformers import LlamaForCausalLM
 
-from qlora_kit.model.sft import causal_lm_loss
+from qlora_kit.data import DataCollator
+from qlora_kit.model.sft import SFTModel, causal_lm_loss
 from qlora_kit.modules.linear_cross_entropy import linear_nll_sum
 
 
@@ -81,4 +84,40 @@ def test_sft_loss_and_gradients_equal_the_full_logits_path(tiny_llama_config):
     reference, reference_grads = loss_and_grads(full_logits_loss)
     torch.testing.assert_close(loss, reference, rtol=1e-12, atol=0)
     for g, r in zip(grads, reference_grads, strict=True):
+        torch.testing.assert_close(g, r, rtol=1e-9, atol=1e-12)
+
+
+def test_collated_rows_train_as_the_rows_one_at_a_time(tiny_llama_config):
+    """The collator's right-padded batch (no attention mask, the labelled positions found on the CPU) gives
+    the loss and gradients of its rows run one at a time without padding, float64."""
+    torch.manual_seed(0)
+    lm = LlamaForCausalLM(tiny_llama_config(tie_word_embeddings=False)).double()
+    lm.lm_head.weight.requires_grad_(False)
+    rows = []
+    for n, prompt in ((9, 4), (6, 2), (12, 7), (3, 3)):  # the last row has no labelled token
+        ids = torch.randint(3, 64, (n,)).tolist()
+        rows.append({"input_ids": ids, "labels": [-100] * prompt + ids[prompt:]})
+    batch = DataCollator(SimpleNamespace(pad_token_id=0, eos_token_id=1))(rows)
+    assert "attention_mask" not in batch
+
+    def grads():
+        out = [p.grad.clone() for p in lm.parameters() if p.requires_grad]
+        lm.zero_grad(set_to_none=True)
+        return out
+
+    loss = SFTModel(lm)(**batch)["loss"]
+    loss.backward()
+    batch_grads = grads()
+    nll = sum(
+        F.cross_entropy(
+            lm(input_ids=torch.tensor([r["input_ids"]])).logits[0, :-1],
+            torch.tensor(r["labels"][1:]),
+            reduction="sum",
+        )
+        for r in rows
+    )
+    reference = nll / sum(label != -100 for r in rows for label in r["labels"][1:])
+    reference.backward()
+    torch.testing.assert_close(loss.detach(), reference.detach(), rtol=1e-12, atol=0)
+    for g, r in zip(batch_grads, grads(), strict=True):
         torch.testing.assert_close(g, r, rtol=1e-9, atol=1e-12)

@@ -211,9 +211,10 @@ def test_offloaded_tensor_comes_back_from_several_pieces(monkeypatch):
     assert torch.equal(held.take(), t_before)
 
 
-@pytest.mark.parametrize("keep", [False, True])
+@pytest.mark.parametrize("attention", [False, True])
+@pytest.mark.parametrize("projections", [False, True])
 def test_checkpoint_host_bytes_is_what_a_step_offloads(
-    tmp_path, untied_model_dir, task_files, built_model, monkeypatch, keep
+    tmp_path, untied_model_dir, task_files, built_model, monkeypatch, attention, projections
 ):
     from qlora_kit.model import offload
 
@@ -222,7 +223,8 @@ def test_checkpoint_host_bytes_is_what_a_step_offloads(
         untied_model_dir,
         task_files,
         "training.offload_activations=true",
-        f"training.recompute_attention={str(not keep).lower()}",
+        f"training.recompute_attention={str(not attention).lower()}",
+        f"training.recompute_projections={str(not projections).lower()}",
     )
     offloaded = []
     init = offload._Offloaded.__init__
@@ -234,8 +236,8 @@ def test_checkpoint_host_bytes_is_what_a_step_offloads(
     monkeypatch.setattr(offload._Offloaded, "__init__", counted)
     ids = torch.randint(0, 1000, (3, 50))
     built.model(input_ids=ids, labels=ids)["loss"].backward()
-    expected = offload.checkpoint_host_bytes(built.lm.config, 2, 3 * 50, torch.float32, keep_attention=keep)
-    assert sum(offloaded) == expected and len(offloaded) == (3 if keep else 1) * 2
+    expected = offload.checkpoint_host_bytes(built.lm.config, 2, 3 * 50, torch.float32, attention, projections)
+    assert sum(offloaded) == expected and len(offloaded) == (1 + 2 * attention + 4 * projections) * 2
 
 
 def test_offloaded_checkpoints_beyond_the_host_memory_are_a_recipe_error(
@@ -247,7 +249,7 @@ def test_offloaded_checkpoints_beyond_the_host_memory_are_a_recipe_error(
     monkeypatch.setattr(builder, "host_memory_available", lambda: 10**5)
     # 2 layers x 8 rows x 64 tokens x 64 hidden x 4 bytes (fp32 on the CPU) = 262,144 bytes
     for keep, message in [("true", r"of 2 layers need 0\.000262 GB .*max_seq_len=64 x training\.batch_size=8.* 0\.0001 GB av"),
-                          ("false", "recompute_attention=true")]:  # fmt: skip
+                          ("false", "recompute_attention and training.recompute_projections to true")]:  # fmt: skip
         overrides = ["training.offload_activations=true", f"training.recompute_attention={keep}"]
         with pytest.raises(RecipeError, match=message):
             built_model(tmp_path / keep, untied_model_dir, task_files, *overrides)

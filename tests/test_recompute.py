@@ -4,12 +4,12 @@ import pytest
 import torch
 
 from qlora_kit.model.plans import LLAMA, AWQGroup, LayerPlan
-from qlora_kit.modules import lora, nf4_linear
+from qlora_kit.modules import kept, lora, nf4_linear
 from qlora_kit.modules.unread import MARK
 
 
-def _marked(lm) -> list[str]:
-    return [name for name, m in lm.named_modules() if getattr(m, MARK, False)]
+def _marked(lm, mark: str = MARK) -> list[str]:
+    return [name for name, m in lm.named_modules() if getattr(m, mark, False)]
 
 
 def _step(built, ids, monkeypatch):
@@ -90,3 +90,53 @@ def test_an_unread_linear_outside_the_layer_is_refused():
     with pytest.raises(ValueError, match="recompute_unread"):
         LayerPlan(LLAMA.gptq_sequence, LLAMA.awq_groups, recompute_unread=("mlp.out_proj",))
     assert LayerPlan((("a",),), (AWQGroup("norm", ("a",), "a"),), recompute_unread=("a",)).recompute_unread == ("a",)
+
+
+@pytest.mark.parametrize(
+    "overrides",
+    [(), ("lora.target_modules=[q_proj,v_proj]",), ("training.mlp_chunk_tokens=24",)],
+    ids=["lora-everywhere", "k-and-o-without-lora", "tiled-mlp"],
+)
+def test_kept_projections_skip_their_gemms_with_the_same_gradients(
+    tmp_path, tiny_model_dir, task_files, built_model, monkeypatch, overrides
+):
+    """training.recompute_projections=false: each checkpointed layer's q, k, v and o GEMMs run once a step
+    (the forward), their outputs kept with the offloaded checkpoint, and the loss and every LoRA gradient are
+    bit for bit those of the recompute that computes them again."""
+    built = built_model(
+        tmp_path,
+        tiny_model_dir,
+        task_files,
+        "training.offload_activations=true",
+        "training.recompute_projections=false",
+        *overrides,
+    )
+    ids = torch.randint(0, 1000, (2, 40), generator=torch.Generator().manual_seed(0))
+    marked = _marked(built.lm, kept.MARK)
+    projections = ["q_proj", "k_proj", "v_proj", "o_proj"]
+    assert marked == [f"model.layers.{i}.self_attn.{p}" for i in range(2) for p in projections]
+    loss, grads, ran = _step(built, ids, monkeypatch)
+    for name in marked:
+        setattr(built.lm.get_submodule(name), kept.MARK, False)
+    loss_full, grads_full, ran_full = _step(built, ids, monkeypatch)
+    for projection in projections:
+        assert sum(f".{projection}" in n for n in ran) == 2  # two layers, the forward only
+        assert sum(f".{projection}" in n for n in ran_full) == 2 * 2
+    assert torch.equal(loss, loss_full)
+    assert grads.keys() == grads_full.keys() and grads
+    for name in grads:
+        assert torch.equal(grads[name], grads_full[name]), name
+
+
+def test_kept_projections_need_offloaded_nf4_checkpoints(tmp_path, tiny_model_dir, task_files, built_model):
+    from qlora_kit.config import RecipeError
+
+    with pytest.raises(RecipeError, match="recompute_projections=false keeps .* set training.offload_activations=true"):
+        built_model(tmp_path / "a", tiny_model_dir, task_files, "training.recompute_projections=false")
+    keep = ["training.offload_activations=true", "training.recompute_projections=false"]
+    with pytest.raises(RecipeError, match="NF4 linears"):
+        built_model(tmp_path / "b", tiny_model_dir, task_files, *keep, "training.fused_kernels=false")
+    built = built_model(tmp_path / "c", tiny_model_dir, task_files, *keep, "training.uncheckpointed_layers=1")
+    assert _marked(built.lm, kept.MARK) == [
+        f"model.layers.0.self_attn.{p}" for p in ("q_proj", "k_proj", "v_proj", "o_proj")
+    ]

@@ -21,6 +21,15 @@ a dispatcher that calls the fused op only while the forward of an attention modu
 :func:`use_fused_ops` is running (a ``ContextVar`` set around that forward: per thread, and set
 again when gradient checkpointing recomputes the forward in the backward), and the original
 function otherwise: unswitched models of the same family in the process compute exactly as before.
+
+The mask patch. Before the layers, transformers' decoder forward makes the causal mask, and for
+a batch without an attention mask it first reads the position ids on the GPU to find packed
+sequences: a host sync in every training forward, after which the GPU waits for the host to
+launch the layers. The ``create_causal_mask`` global is replaced the same way, by a dispatcher
+that returns no mask (sdpa then runs plain causal attention, what transformers decides for such
+a batch too) while :func:`causal_only` is on (the SFT loss's decoder forward over a batch the
+collator gave neither an attention mask nor position ids: unpacked, right-padded rows) for a
+model on sdpa attention, and calls the original otherwise.
 """
 
 from __future__ import annotations
@@ -29,11 +38,19 @@ import functools
 import logging
 import sys
 import types
+from collections.abc import Iterator
+from contextlib import contextmanager
 from contextvars import ContextVar
 
 from torch import nn
 
-from qlora_kit.compat import rotary_function, set_rotary_function
+from qlora_kit.compat import (
+    MASK_CACHE_KEYWORDS,
+    causal_mask_function,
+    rotary_function,
+    set_causal_mask_function,
+    set_rotary_function,
+)
 from qlora_kit.kernels.dispatch import check_kernel
 from qlora_kit.modules.fused_ops import apply_rotary, rms_norm, swiglu
 
@@ -46,6 +63,20 @@ _SILU = ("silu", "swish")
 
 # The kernel choice of the switched attention forward running now; None outside one.
 _rotary_kernel: ContextVar[str | None] = ContextVar("qlora_kit_fused_rotary_kernel", default=None)
+# Whether the decoder forward running now has a batch plain causal attention is right for.
+_causal_only: ContextVar[bool] = ContextVar("qlora_kit_causal_only", default=False)
+
+
+@contextmanager
+def causal_only(on: bool = True) -> Iterator[None]:
+    """Within the block (``on``), the decoder forward of a switched model makes no causal mask with sdpa
+    attention: for a batch with neither an attention mask nor position ids (unpacked rows, right-padded:
+    no token sees the pads after it), where transformers decides on none after a host sync."""
+    token = _causal_only.set(on)
+    try:
+        yield
+    finally:
+        _causal_only.reset(token)
 
 
 def _rms_norm_forward(self, hidden_states):
@@ -88,6 +119,26 @@ def _install_rotary_dispatcher(modeling: types.ModuleType) -> None:
         set_rotary_function(modeling, _rotary_dispatcher(original))
 
 
+def _mask_dispatcher(original):
+    """A ``create_causal_mask`` that is ``original`` except under :func:`causal_only`, with sdpa attention."""
+
+    @functools.wraps(original)
+    def create_causal_mask(config, **kwargs):
+        plain = kwargs.get("attention_mask") is None and all(kwargs.get(k) is None for k in MASK_CACHE_KEYWORDS)
+        if _causal_only.get() and plain and config._attn_implementation == "sdpa":
+            return None
+        return original(config, **kwargs)
+
+    create_causal_mask.original = original
+    return create_causal_mask
+
+
+def _install_mask_dispatcher(modeling: types.ModuleType) -> None:
+    original = causal_mask_function(modeling)
+    if original is not None and not hasattr(original, "original"):
+        set_causal_mask_function(modeling, _mask_dispatcher(original))
+
+
 def _role(module: nn.Module) -> str | None:
     """ "RMSNorm", "MLP" or "Attention" for those classes of a supported family's modeling module, else None."""
     cls = type(module)
@@ -128,6 +179,7 @@ def use_fused_ops(model: nn.Module, kernel: str = "auto") -> nn.Module:
             continue
         if role == "Attention":
             _install_rotary_dispatcher(sys.modules[type(module).__module__])
+            _install_mask_dispatcher(sys.modules[type(module).__module__])
         module.fused_kernel = kernel
         module.forward = types.MethodType(_FORWARDS[role], module)
         switched[role] += 1

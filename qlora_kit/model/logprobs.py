@@ -24,6 +24,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from qlora_kit.model.adapters import lora_modules
+from qlora_kit.model.fused import causal_only
 
 IGNORE_INDEX = -100  # labels of tokens outside the loss (torch's cross_entropy default, as in qlora_kit.data)
 STATS = ("entropy", "mean_logits", "is_top1")
@@ -45,18 +46,34 @@ class LabelledLogProbs:
         return values.new_zeros(self.mask.shape).masked_scatter(self.mask, values)
 
 
+def find_labelled_positions(labels: torch.Tensor) -> torch.Tensor:
+    """Flat indices ``b * seq + t`` of the positions whose next token ``labels[b, t + 1]`` is labelled, in
+    row-major order. The data collator finds them on the CPU (see :func:`labelled_hidden`)."""
+    batch, seq = labels.shape
+    mask = labels[:, 1:] != IGNORE_INDEX
+    return torch.arange(batch * seq, device=labels.device).view(batch, seq)[:, :-1][mask]
+
+
 def labelled_hidden(
-    lm: nn.Module, input_ids: torch.Tensor, labels: torch.Tensor, **model_inputs
+    lm: nn.Module,
+    input_ids: torch.Tensor,
+    labels: torch.Tensor,
+    labelled_positions: torch.Tensor | None = None,
+    **model_inputs,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """The decoder once; its final hidden states at the labelled positions ``[labelled, hidden]``, their next
-    tokens ``[labelled]``, and the mask ``[batch, seq - 1]`` they were taken by (row-major order)."""
+    tokens ``[labelled]``, and the mask ``[batch, seq - 1]`` they were taken by (row-major order).
+
+    ``labelled_positions``: :func:`find_labelled_positions` of ``labels``, as the data collator gives them.
+    Without them they are found here, on the labels' device: on a GPU that makes the host wait until
+    everything queued has run, so the next step's kernels cannot be queued while this one's still run.
+    A batch without attention mask and position ids makes no causal mask either (:func:`causal_only`).
+    """
     mask = labels[:, 1:] != IGNORE_INDEX
-    # The labelled positions are found before the decoder runs: finding them makes the host wait
-    # for the GPU, which costs nothing while nothing is queued yet, but between the decoder and the
-    # loss would leave the GPU idle until the host had launched the loss's first kernels.
-    where = mask.nonzero()
-    rows = where[:, 0] * labels.shape[1] + where[:, 1]  # position (b, t) of [batch, seq] flattened
-    hidden = lm.model(input_ids=input_ids, use_cache=False, **model_inputs).last_hidden_state
+    rows = find_labelled_positions(labels) if labelled_positions is None else labelled_positions
+    unmasked = model_inputs.get("attention_mask") is None and model_inputs.get("position_ids") is None
+    with causal_only(unmasked):
+        hidden = lm.model(input_ids=input_ids, use_cache=False, **model_inputs).last_hidden_state
     hidden = hidden.reshape(-1, hidden.shape[-1]).index_select(0, rows)
     return hidden, labels.reshape(-1).index_select(0, rows + 1), mask
 
@@ -67,10 +84,11 @@ def labelled_logprobs(
     labels: torch.Tensor,
     chunk_tokens: int = 1024,
     stats: bool = False,
+    labelled_positions: torch.Tensor | None = None,
     **model_inputs,
 ) -> LabelledLogProbs:
     """The fast path: the decoder once, then the lm_head on the labelled positions only, in checkpointed chunks."""
-    hidden, targets, mask = labelled_hidden(lm, input_ids, labels, **model_inputs)
+    hidden, targets, mask = labelled_hidden(lm, input_ids, labels, labelled_positions, **model_inputs)
     pieces = [
         checkpoint(
             _chunk_logprobs,

@@ -14,6 +14,10 @@ attention forward again (:mod:`qlora_kit.modules.flash_attention`): the quadrati
 twice per step instead of three times. transformers' ``"sdpa"`` attention function is replaced,
 once per process, by a dispatcher that does this only inside such a checkpoint (and only for
 unmasked causal attention without dropout) and calls the original otherwise.
+
+With ``keep_outputs``, it keeps the outputs of the linears its family's plan names
+(:attr:`~qlora_kit.model.plans.LayerPlan.recompute_kept`: q, k, v and o) the same way, and the
+recompute takes them instead of running their GEMMs (:mod:`qlora_kit.modules.kept`).
 """
 
 from __future__ import annotations
@@ -32,8 +36,10 @@ from qlora_kit.compat import (
     set_checkpoint_function,
     set_sdpa_attention_function,
 )
+from qlora_kit.model.recompute import keep_outputs as mark_kept_outputs
 from qlora_kit.model.sources import head_dim
 from qlora_kit.modules.flash_attention import AttentionFromKept, flash_forward, sdpa_kernel, supported
+from qlora_kit.modules.kept import KeptOutputs, keeping
 
 log = logging.getLogger(__name__)
 
@@ -231,33 +237,39 @@ class _OffloadedCheckpoint(torch.autograd.Function):
     The CUDA RNG state and the autocast settings of the forward are restored for the
     recomputation, so dropout and mixed precision recompute exactly what the forward saw.
     With ``keep_attention``, the forward's attention outputs are kept too, and the recompute
-    takes them instead of running attention again.
+    takes them instead of running attention again; with ``keep_outputs``, the marked linears' outputs.
     """
 
     @staticmethod
-    def forward(ctx, run, keep_attention: bool, hidden: torch.Tensor, *args):
+    def forward(ctx, run, keep_attention: bool, keep_outputs: bool, hidden: torch.Tensor, *args):
         ctx.run, ctx.args, ctx.device = run, args, hidden.device
         ctx.autocast = (torch.is_autocast_enabled(hidden.device.type), torch.get_autocast_dtype(hidden.device.type))
         ctx.rng = torch.cuda.get_rng_state(hidden.device) if hidden.is_cuda else torch.get_rng_state()
         ctx.offloaded = _Offloaded(hidden)
         ctx.kept = _KeptAttention() if keep_attention else None
+        ctx.outputs = KeptOutputs(functools.partial(_Offloaded, queued=False)) if keep_outputs else None
         token = _kept_attention.set(ctx.kept)
         try:
-            with torch.no_grad():
+            with torch.no_grad(), keeping(ctx.outputs):
                 out = run(hidden, *args)
         finally:
             _kept_attention.reset(token)
+        # Prefetched with the layer input, while the layer after it runs its backward: the copy
+        # is not left to start when this layer's own recompute asks for it.
         if ctx.kept is not None:
-            # Prefetched with the layer input, while the layer after it runs its backward: the copy
-            # is not left to start when this layer's own recompute asks for it.
             ctx.offloaded.companions = [kept for entry in ctx.kept.entries if entry for kept in entry[:2]]
+        if ctx.outputs is not None:
+            ctx.offloaded.companions += ctx.outputs.held
         return out
 
     @staticmethod
     def backward(ctx, grad_out: torch.Tensor):
         kept, ctx.kept = ctx.kept, None
+        outputs, ctx.outputs = ctx.outputs, None
         if kept is not None:
             kept.replay()
+        if outputs is not None:
+            outputs.replaying = True
         hidden = ctx.offloaded.take().requires_grad_(True)
         ctx.offloaded = None
         enabled, dtype = ctx.autocast
@@ -269,15 +281,21 @@ class _OffloadedCheckpoint(torch.autograd.Function):
                     torch.cuda.set_rng_state(ctx.rng, ctx.device)
                 else:
                     torch.set_rng_state(ctx.rng)
-                with torch.enable_grad(), torch.autocast(ctx.device.type, dtype=dtype, enabled=enabled):
+                with (
+                    torch.enable_grad(),
+                    torch.autocast(ctx.device.type, dtype=dtype, enabled=enabled),
+                    keeping(outputs),
+                ):
                     out = ctx.run(hidden, *ctx.args)
         finally:
             _kept_attention.reset(token)
         torch.autograd.backward(out, grad_out)
-        return (None, None, hidden.grad) + (None,) * len(ctx.args)
+        return (None, None, None, hidden.grad) + (None,) * len(ctx.args)
 
 
-def offloaded_checkpoint(run, hidden: torch.Tensor, *args, keep_attention: bool = False) -> torch.Tensor:
+def offloaded_checkpoint(
+    run, hidden: torch.Tensor, *args, keep_attention: bool = False, keep_outputs: bool = False
+) -> torch.Tensor:
     """A drop-in for transformers' ``_gradient_checkpointing_func(run, hidden, *args)``."""
     if not torch.is_grad_enabled():
         # A forward without gradients (evaluation, DPO's reference pass) has no backward to offload for.
@@ -286,7 +304,7 @@ def offloaded_checkpoint(run, hidden: torch.Tensor, *args, keep_attention: bool 
         # The first layer's input comes from frozen embeddings: without a grad-requiring
         # input, autograd would never call backward and its LoRA weights would get no gradient.
         hidden = hidden.detach().requires_grad_(True)
-    return _OffloadedCheckpoint.apply(run, keep_attention, hidden, *args)
+    return _OffloadedCheckpoint.apply(run, keep_attention, keep_outputs, hidden, *args)
 
 
 def host_memory_available() -> int | None:
@@ -299,29 +317,40 @@ def host_memory_available() -> int | None:
     return int(fields["MemAvailable"].split()[0]) * 1024 if "MemAvailable" in fields else None
 
 
-def checkpoint_host_bytes(config, layers: int, tokens: int, dtype: torch.dtype, keep_attention: bool) -> int:
+def checkpoint_host_bytes(
+    config, layers: int, tokens: int, dtype: torch.dtype, keep_attention: bool, keep_outputs: bool = False
+) -> int:
     """The pinned CPU memory ``layers`` offloaded checkpoints hold at ``tokens`` tokens a step (a
-    transformers config's shape): each layer's input, and with ``keep_attention`` its attention output
-    and float32 logsumexp."""
+    transformers config's shape): each layer's input, with ``keep_attention`` its attention output
+    and float32 logsumexp, with ``keep_outputs`` its q, k, v and o projections' outputs."""
+    heads, kv_heads = (
+        config.num_attention_heads,
+        getattr(config, "num_key_value_heads", None) or config.num_attention_heads,
+    )
     per_token = config.hidden_size * dtype.itemsize
     if keep_attention:
-        heads = config.num_attention_heads
         per_token += heads * head_dim(config) * dtype.itemsize + heads * 4
+    if keep_outputs:
+        per_token += ((heads + 2 * kv_heads) * head_dim(config) + config.hidden_size) * dtype.itemsize
     return layers * tokens * per_token
 
 
-def use_offloaded_checkpointing(model: nn.Module, keep_attention: bool = False) -> int:
+def use_offloaded_checkpointing(model: nn.Module, keep_attention: bool = False, keep_outputs: bool = False) -> int:
     """Checkpoint every decoder layer with its input offloaded to CPU memory; returns the layer count.
 
     Call after checkpointing is enabled (``compat.enable_checkpointing``); it replaces the checkpoint function that
     transformers set on each layer. ``keep_attention``: the attention output and logsumexp
     are offloaded too and the recompute does not run attention again (sdpa attention only;
     as much CPU memory again as the layer inputs for a Llama, whose attention output is
-    hidden-sized).
+    hidden-sized). ``keep_outputs``: so are the outputs of the plan's
+    :attr:`~qlora_kit.model.plans.LayerPlan.recompute_kept` linears (NF4 linears only), whose GEMMs the
+    recompute then skips (2.5 times the layer inputs' CPU memory for an 8B Llama).
     """
     layers = checkpointed_layers(model)
     if not layers:
         raise ValueError("offloaded checkpointing needs gradient checkpointing: enable it first")
+    if keep_outputs and not mark_kept_outputs(model):
+        raise ValueError("keeping projection outputs needs NF4 linears (training.fused_kernels=true)")
     if keep_attention:
         if model.config._attn_implementation != "sdpa":
             raise ValueError(
@@ -329,7 +358,7 @@ def use_offloaded_checkpointing(model: nn.Module, keep_attention: bool = False) 
             )
         if not hasattr(sdpa_attention_function(), "original"):
             set_sdpa_attention_function(_sdpa_dispatcher(sdpa_attention_function()))
-    checkpoint = functools.partial(offloaded_checkpoint, keep_attention=keep_attention)
+    checkpoint = functools.partial(offloaded_checkpoint, keep_attention=keep_attention, keep_outputs=keep_outputs)
     for layer in layers:
         set_checkpoint_function(layer, checkpoint)
     return len(layers)

@@ -42,13 +42,16 @@ class LayerPlan:
     ``recompute_unread``: modules (linears, or a block holding some) whose output reaches nothing
     but the layer's output (through the residual sum), so a checkpointed layer's recompute in
     backward, which builds their autograd graph and never reads the layer's output, need not
-    compute it.
+    compute it. ``recompute_kept``: linears whose outputs a checkpointed layer's forward can keep for
+    its recompute (``training.recompute_projections: false``), the attention's: an 8B layer's q, k, v
+    and o outputs are 20 KB a token, the MLP's gate and up outputs 56 KB.
     """
 
     gptq_sequence: tuple[tuple[str, ...], ...]
     awq_groups: tuple[AWQGroup, ...]
     awq_no_clip: tuple[str, ...] = ()
     recompute_unread: tuple[str, ...] = ()
+    recompute_kept: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         linears = sorted(self.linears)
@@ -61,6 +64,10 @@ class LayerPlan:
         blocks = {name.rpartition(".")[0] for name in linears} - {""}
         if not set(self.recompute_unread) <= set(linears) | blocks:
             raise ValueError(f"recompute_unread {self.recompute_unread} names modules outside the layer")
+        if not set(self.recompute_kept) <= set(linears) - set(self.recompute_unread):
+            raise ValueError(
+                f"recompute_kept {self.recompute_kept} names modules that are not linears read in the recompute"
+            )
 
     @property
     def linears(self) -> tuple[str, ...]:
@@ -90,6 +97,7 @@ LLAMA = LayerPlan(
     ),
     awq_no_clip=("self_attn.q_proj", "self_attn.k_proj"),  # q.k^T amplifies clipping errors
     recompute_unread=("mlp", "mlp.down_proj"),  # out = h + mlp(norm(h)): nothing after the MLP reads it
+    recompute_kept=(*_ATTENTION_IN, "self_attn.o_proj"),
 )
 
 # Mistral, Qwen2 and Qwen3 layers have Llama's linears: Qwen2's q/k/v carry biases (AWQ folds 1/s

@@ -17,7 +17,7 @@ from torch import nn
 
 from qlora_kit.compat import checkpointed_layers
 from qlora_kit.model.plans import layer_plan
-from qlora_kit.modules.unread import MARK
+from qlora_kit.modules import kept, unread
 
 
 def skip_unread_outputs(lm: nn.Module) -> int:
@@ -28,12 +28,23 @@ def skip_unread_outputs(lm: nn.Module) -> int:
     marked). Only modules that know the mark get it: NF4 linears (with or without LoRA) and
     tiled MLPs.
     """
-    plan = layer_plan(lm.config.model_type)
+    return _mark(lm, layer_plan(lm.config.model_type).recompute_unread, unread.MARK)
+
+
+def keep_outputs(lm: nn.Module) -> int:
+    """Mark the linears of every checkpointed decoder layer of ``lm`` whose outputs the family's plan keeps
+    (:attr:`~qlora_kit.model.plans.LayerPlan.recompute_kept`), so that an offloaded checkpoint keeps them
+    for the recompute (:mod:`qlora_kit.modules.kept`); returns how many were marked (NF4 linears, with or
+    without LoRA, know the mark)."""
+    return _mark(lm, layer_plan(lm.config.model_type).recompute_kept, kept.MARK)
+
+
+def _mark(lm: nn.Module, names: tuple[str, ...], mark: str) -> int:
     marked = 0
     for layer in checkpointed_layers(lm):
-        for name in plan.recompute_unread:
+        for name in names:
             module = layer.get_submodule(name)
-            if hasattr(module, MARK):
-                setattr(module, MARK, True)
+            if hasattr(module, mark):
+                setattr(module, mark, True)
                 marked += 1
     return marked

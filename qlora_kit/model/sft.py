@@ -15,6 +15,7 @@ def causal_lm_loss(
     labels: torch.Tensor,
     num_items_in_batch: int | torch.Tensor | None = None,
     chunk_tokens: int = 1024,
+    labelled_positions: torch.Tensor | None = None,
     **model_inputs,
 ) -> torch.Tensor:
     """Sum of next-token NLL over positions whose label is set, divided by the label count.
@@ -23,22 +24,31 @@ def causal_lm_loss(
     logits never exist beyond one chunk. A frozen lm_head (LoRA's case) goes through
     :func:`~qlora_kit.modules.linear_cross_entropy.linear_nll_sum`, which makes the gradient in the
     forward pass; any other through :func:`~qlora_kit.model.logprobs.labelled_logprobs`.
-    ``num_items_in_batch`` is the label count of the whole accumulated batch when the Trainer provides it.
+    ``num_items_in_batch`` is the label count of the whole accumulated batch when the Trainer provides it;
+    ``labelled_positions`` the data collator's :func:`~qlora_kit.model.logprobs.find_labelled_positions`.
     """
     if linear_cross_entropy.supports(lm.lm_head):
-        hidden, targets, mask = labelled_hidden(lm, input_ids, labels, **model_inputs)
+        hidden, targets, mask = labelled_hidden(lm, input_ids, labels, labelled_positions, **model_inputs)
         nll = linear_cross_entropy.linear_nll_sum(hidden, lm.lm_head, targets, chunk_tokens)
     else:  # a trained or wrapped lm_head: its own gradient, through autograd
-        scored = labelled_logprobs(lm, input_ids, labels, chunk_tokens, **model_inputs)
+        scored = labelled_logprobs(
+            lm, input_ids, labels, chunk_tokens, labelled_positions=labelled_positions, **model_inputs
+        )
         nll, mask = -scored.logps.sum(), scored.mask
     count = num_items_in_batch if num_items_in_batch is not None else mask.sum().clamp(min=1)
     return nll / count
 
 
 def plain_causal_lm_loss(
-    lm: nn.Module, input_ids: torch.Tensor, labels: torch.Tensor, num_items_in_batch=None, **model_inputs
+    lm: nn.Module,
+    input_ids: torch.Tensor,
+    labels: torch.Tensor,
+    num_items_in_batch=None,
+    labelled_positions: torch.Tensor | None = None,
+    **model_inputs,
 ) -> torch.Tensor:
-    """The same loss through the model's full ``[batch, seq, vocab]`` logits (the reference for the chunked one)."""
+    """The same loss through the model's full ``[batch, seq, vocab]`` logits (the reference for the chunked one);
+    ``labelled_positions`` is not needed there."""
     scored = plain_labelled_logprobs(lm, input_ids, labels, **model_inputs)
     count = num_items_in_batch if num_items_in_batch is not None else scored.mask.sum().clamp(min=1)
     return -scored.logps.sum() / count
@@ -66,12 +76,22 @@ class SFTModel(nn.Module):
         """``lm.generate``: under FSDP, where this is the root module, it gathers the root's weights around it."""
         return self.lm.generate(*args, **kwargs)
 
-    def forward(self, input_ids, labels, attention_mask=None, position_ids=None, use_cache=None, **kwargs) -> dict:
+    def forward(
+        self,
+        input_ids,
+        labels,
+        attention_mask=None,
+        position_ids=None,
+        use_cache=None,
+        labelled_positions=None,
+        **kwargs,
+    ) -> dict:
         loss = self.loss(
             self.lm,
             input_ids,
             labels,
             kwargs.get("num_items_in_batch"),
+            labelled_positions=labelled_positions,
             attention_mask=attention_mask,
             position_ids=position_ids,
         )

@@ -13,6 +13,7 @@ import math
 import torch
 from torch import nn
 
+from qlora_kit.modules.kept import keep_output, kept_output
 from qlora_kit.modules.nf4_linear import NF4Linear, base_matmul, base_matmul_grad_input
 from qlora_kit.modules.unread import output_unread
 
@@ -66,10 +67,12 @@ class NF4LoRALinear(LoRALinear):
 
     The same adapters and initialisation as :class:`LoRALinear`; no dropout, whose mask
     would need a pass over x of its own. Marked ``output_unread_in_recompute``, a checkpointed
-    layer's recompute leaves its output uncomputed (:mod:`qlora_kit.modules.unread`).
+    layer's recompute leaves its output uncomputed (:mod:`qlora_kit.modules.unread`); marked
+    ``output_kept_in_checkpoint``, it takes the output the forward kept (:mod:`qlora_kit.modules.kept`).
     """
 
     output_unread_in_recompute = False
+    output_kept_in_checkpoint = False
 
     def __init__(self, base: NF4Linear, r: int, alpha: float, use_rslora: bool = False) -> None:
         if not isinstance(base, NF4Linear):
@@ -78,8 +81,12 @@ class NF4LoRALinear(LoRALinear):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = x.to(self.base.compute_dtype)
-        unread = output_unread(self)
-        y = _LoRANF4MatMul.apply(x, self.lora_A.weight, self.lora_B.weight, self.base, self.scaling, unread)
+        kept = kept_output(self)
+        y = _LoRANF4MatMul.apply(
+            x, self.lora_A.weight, self.lora_B.weight, self.base, self.scaling, output_unread(self), kept
+        )
+        if kept is None:
+            keep_output(self, y)
         return y if self.base.bias is None else y + self.base.bias
 
 
@@ -91,17 +98,27 @@ class _LoRANF4MatMul(torch.autograd.Function):
     the same for grad_x. Saved: x and t = x @ A^T (what plain LoRA's autograd saves too),
     A and B in x's dtype; the NF4 weight stays packed on ``ctx`` and is dequantized again in backward.
     With ``base.fp8`` the two base GEMMs run in e4m3 (:func:`~qlora_kit.modules.nf4_linear.base_matmul`).
-    ``unread``: y is left uncomputed (a recompute that only needs the graph); t and the backward are the same.
+    ``unread``: y is left uncomputed (a recompute that only needs the graph); ``kept``: y as the
+    forward computed it, given back to a recompute. In both, t and the backward are the same.
     """
 
     @staticmethod
     def forward(
-        ctx, x: torch.Tensor, lora_a: torch.Tensor, lora_b: torch.Tensor, base: NF4Linear, scaling: float, unread: bool
+        ctx,
+        x: torch.Tensor,
+        lora_a: torch.Tensor,
+        lora_b: torch.Tensor,
+        base: NF4Linear,
+        scaling: float,
+        unread: bool,
+        kept: torch.Tensor | None = None,
     ) -> torch.Tensor:
         x2 = x.reshape(-1, x.shape[-1])
         a, b = lora_a.to(x.dtype), lora_b.to(x.dtype)
         t = x2 @ a.t()
-        if unread:
+        if kept is not None:
+            y = kept.view(-1, base.out_features)
+        elif unread:
             y = x2.new_empty(x2.shape[0], base.out_features)
         else:
             # x itself, not x2: the FP8 path recognises the same tensor coming to q, k and v.
@@ -124,4 +141,4 @@ class _LoRANF4MatMul(torch.autograd.Function):
         grad_a = (gb.t() @ x2).mul_(ctx.scaling)
         grad_b = (g.t() @ t.to(g.dtype)).mul_(ctx.scaling)
         dtype = ctx.adapter_dtype
-        return grad_x.view_as(x), grad_a.to(dtype), grad_b.to(dtype), None, None, None
+        return grad_x.view_as(x), grad_a.to(dtype), grad_b.to(dtype), None, None, None, None

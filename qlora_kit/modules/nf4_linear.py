@@ -7,6 +7,7 @@ from torch import nn
 
 from qlora_kit.compat import in_backward
 from qlora_kit.kernels.dispatch import check_kernel
+from qlora_kit.modules.kept import keep_output, kept_output
 from qlora_kit.modules.unread import output_unread
 from qlora_kit.quant import fp8
 from qlora_kit.quant.nf4 import BLOCKSIZE, NESTED_BLOCKSIZE, NF4Tensor, dequantize_nf4
@@ -42,12 +43,15 @@ class _NF4MatMul(torch.autograd.Function):
     dequantizes its packed weight again: grad_x = grad_y @ W.
     The layer sits on ``ctx`` rather than in ``save_for_backward`` so that
     activation-offloading hooks never copy its weight. ``unread``: the output is left
-    uncomputed (:func:`~qlora_kit.modules.unread.output_unread`); the backward is the same.
+    uncomputed (:func:`~qlora_kit.modules.unread.output_unread`); ``kept``: the output the forward
+    computed, given back to a recompute (:mod:`qlora_kit.modules.kept`). The backward is the same.
     """
 
     @staticmethod
-    def forward(ctx, x: torch.Tensor, base: NF4Linear, unread: bool) -> torch.Tensor:
+    def forward(ctx, x: torch.Tensor, base: NF4Linear, unread: bool, kept: torch.Tensor | None = None) -> torch.Tensor:
         ctx.base = base
+        if kept is not None:
+            return kept.view_as(kept)
         if unread:
             return x.new_empty(*x.shape[:-1], base.out_features)
         # x itself, not a reshaped view: the FP8 path recognises the same tensor coming to q, k and v.
@@ -56,7 +60,7 @@ class _NF4MatMul(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_out: torch.Tensor):
         g = grad_out.reshape(-1, grad_out.shape[-1])
-        return base_matmul_grad_input(g, ctx.base).view(*grad_out.shape[:-1], ctx.base.in_features), None, None
+        return base_matmul_grad_input(g, ctx.base).view(*grad_out.shape[:-1], ctx.base.in_features), None, None, None
 
 
 class NF4Linear(nn.Module):
@@ -82,6 +86,7 @@ class NF4Linear(nn.Module):
     fp8 = False
     fp8_forward = True
     output_unread_in_recompute = False
+    output_kept_in_checkpoint = False
 
     def __init__(
         self,
@@ -174,7 +179,10 @@ class NF4Linear(nn.Module):
         return codes, self.fp8_scale[: codes.shape[0]].view(1, -1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = _NF4MatMul.apply(x.to(self.compute_dtype), self, output_unread(self))
+        kept = kept_output(self)
+        y = _NF4MatMul.apply(x.to(self.compute_dtype), self, output_unread(self), kept)
+        if kept is None:
+            keep_output(self, y)
         return y if self.bias is None else y + self.bias
 
     def extra_repr(self) -> str:

@@ -155,7 +155,9 @@ def build_training_model(
             skip_unread_outputs(lm)
         if t.offload_activations:
             try:
-                layers = use_offloaded_checkpointing(lm, keep_attention=not t.recompute_attention)
+                layers = use_offloaded_checkpointing(
+                    lm, keep_attention=not t.recompute_attention, keep_outputs=not t.recompute_projections
+                )
             except ValueError as e:  # e.g. uncheckpointed_layers covering every layer
                 raise RecipeError(f"training.offload_activations: {e}") from None
             _check_host_memory(recipe, lm.config, layers, compute_dtype, processes)
@@ -209,19 +211,30 @@ def _check_host_memory(recipe: Recipe, config, layers: int, dtype: torch.dtype, 
     the alternative is the kernel killing the process mid-step (pinned memory cannot be swapped)."""
     t = recipe.training
     rows = t.batch_size * t.sequences_per_row
-    need = checkpoint_host_bytes(config, layers, rows * recipe.data.max_seq_len, dtype, not t.recompute_attention)
+    need = checkpoint_host_bytes(
+        config, layers, rows * recipe.data.max_seq_len, dtype, not t.recompute_attention, not t.recompute_projections
+    )
     need *= min(processes, int(os.environ.get("LOCAL_WORLD_SIZE", processes)))  # the processes sharing this host
     available = host_memory_available()
     log.info("offloaded checkpoints: up to %.1f GB of pinned CPU memory a step", need / 1e9)
     if available is None or need <= 0.9 * available:
         return
-    kept = " and attention outputs" if not t.recompute_attention else ""
+    kept = [
+        name
+        for name, keep in (
+            ("attention outputs", not t.recompute_attention),
+            ("projections", not t.recompute_projections),
+        )
+        if keep
+    ]
+    kept = " and " + " and ".join(kept) if kept else ""
     raise RecipeError(
         f"training.offload_activations: the checkpoints{kept} of {layers} layers need {need / 1e9:.3g} GB of CPU "
         f"memory at data.max_seq_len={recipe.data.max_seq_len} x training.batch_size={t.batch_size}"
         + (f" x {processes} processes" if processes > 1 else "")
         + f", and this machine has {available / 1e9:.3g} GB available: lower data.max_seq_len or "
-        "training.batch_size" + (", or set training.recompute_attention=true (half as much)" if kept else "")
+        "training.batch_size"
+        + (", or set training.recompute_attention and training.recompute_projections to true" if kept else "")
     )
 
 

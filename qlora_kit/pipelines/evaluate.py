@@ -63,13 +63,13 @@ def response_loss(model: nn.Module, batches: Iterable[dict]) -> float:
     """Mean next-token cross-entropy over the labelled tokens (label != -100) of padded batches.
 
     ``batches``: what the data module's ``DataCollator`` makes of a tokenized validation
-    split (``input_ids``, ``labels`` and the attention mask): the loss training reports as
-    validation loss.
+    split (``input_ids``, ``labels``, the attention mask and the positions the training loss reads):
+    the loss training reports as validation loss.
     """
     device = next(model.parameters()).device
     total_nll, total_tokens = 0.0, 0
     for batch in batches:
-        inputs = {k: v.to(device) for k, v in batch.items() if k != "labels"}
+        inputs = {k: v.to(device) for k, v in batch.items() if k not in ("labels", "labelled_positions")}
         logits = model(**inputs).logits[:, :-1].float()
         targets = batch["labels"][:, 1:].to(device)
         total_nll += nn.functional.cross_entropy(logits.transpose(1, 2), targets, reduction="sum").item()

@@ -49,16 +49,50 @@ def optimizer_name(name: str, device: torch.device, sharded: bool = False) -> st
 
 
 def optimizer_class(name: str) -> type[torch.optim.Optimizer]:
-    """The optimizer class of an :func:`optimizer_name`."""
+    """The optimizer class of an :func:`optimizer_name` (bitsandbytes' through :func:`without_syncs`)."""
     if name == "adamw_torch":
         return torch.optim.AdamW
     import bitsandbytes as bnb
 
-    return {
-        "paged_adamw_8bit": bnb.optim.PagedAdamW8bit,
-        "paged_adamw_32bit": bnb.optim.PagedAdamW32bit,
-        "adamw_8bit": bnb.optim.AdamW8bit,
-    }[name]
+    return without_syncs(
+        {
+            "paged_adamw_8bit": bnb.optim.PagedAdamW8bit,
+            "paged_adamw_32bit": bnb.optim.PagedAdamW32bit,
+            "adamw_8bit": bnb.optim.AdamW8bit,
+        }[name]
+    )
+
+
+class _StepWithoutSyncs:
+    """A bitsandbytes optimizer whose step does not synchronize (:func:`qlora_kit.compat.bnb_step_without_syncs`)."""
+
+    @torch.no_grad()
+    def step(self, closure: Callable[[], torch.Tensor] | None = None) -> torch.Tensor | None:
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        bnb_step_without_syncs(self)
+        return loss
+
+
+_WITHOUT_SYNCS: dict[type, type] = {}
+
+
+def without_syncs(cls: type[torch.optim.Optimizer]) -> type[torch.optim.Optimizer]:
+    """``cls`` itself, or for a bitsandbytes optimizer its subclass that steps without synchronizing.
+
+    bitsandbytes synchronizes the GPU after every tensor's update (448 times a step for an 8B
+    model's LoRA): each forward then starts from an empty GPU queue and runs as fast as the host
+    can launch it. Without the syncs the host queues the next step while this one still runs.
+    """
+    from bitsandbytes.optim.optimizer import Optimizer8bit
+
+    if not issubclass(cls, Optimizer8bit):
+        return cls
+    if cls not in _WITHOUT_SYNCS:
+        _WITHOUT_SYNCS[cls] = type(cls.__name__, (_StepWithoutSyncs, cls), {"__module__": __name__})
+    return _WITHOUT_SYNCS[cls]
 
 
 def _groups(model: nn.Module) -> dict[str, list[nn.Parameter]]:
@@ -69,14 +103,6 @@ def _groups(model: nn.Module) -> dict[str, list[nn.Parameter]]:
             match = _LAYER.match(name)
             groups.setdefault(match.group(1) if match else "", []).append(p)
     return groups
-
-
-def _step(optimizer: torch.optim.Optimizer) -> None:
-    with torch.no_grad():
-        if type(optimizer).__module__.startswith("bitsandbytes"):
-            bnb_step_without_syncs(optimizer)
-        else:
-            optimizer.step()
 
 
 class OffloadedAdapters:
@@ -127,7 +153,7 @@ class OffloadedAdapters:
             low = p._low.to(p._offload_device, non_blocking=True)
             m.data, m.grad = _join(p.data, low), p.grad.float()
             p.grad = None
-            _step(optimizer)
+            optimizer.step()
             _store(p, m.data)
             m.data, m.grad = torch.empty(0, device=p._offload_device), None
             _drop(p)
@@ -202,7 +228,7 @@ def optimizer_in_backward(
             pending["left"] -= 1
             if pending["left"] == 0:  # the group's last gradient of this backward pass
                 if offloaded is None:
-                    _step(optimizer)
+                    optimizer.step()
                     optimizer.zero_grad(set_to_none=True)
                 else:
                     offloaded.step(optimizer)

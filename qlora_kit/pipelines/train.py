@@ -52,7 +52,7 @@ from qlora_kit.pipelines.evaluate import (
     write_generations,
 )
 from qlora_kit.pipelines.matching import check_references
-from qlora_kit.pipelines.optim import full_precision_adapters, optimizer_name
+from qlora_kit.pipelines.optim import full_precision_adapters, optimizer_name, without_syncs
 
 log = logging.getLogger("qlora_kit")
 
@@ -186,6 +186,11 @@ def _trainer_class():
             super().__init__(*args, **kwargs)
             self.adapter_config = adapter_config
 
+        @staticmethod
+        def get_optimizer_cls_and_kwargs(args, model=None):
+            optimizer_cls, optimizer_kwargs = Trainer.get_optimizer_cls_and_kwargs(args, model)
+            return without_syncs(optimizer_cls), optimizer_kwargs
+
         def _save(self, output_dir: str | None = None, state_dict=None) -> None:
             if self.args.should_save:
                 with full_precision_adapters(self.model.lm):
@@ -277,6 +282,12 @@ def training_arguments(
         # before every forward (DDP's default) would copy the whole model each step.
         ddp_broadcast_buffers=False,
         use_cpu=device.type == "cpu",
+        # Nothing in a step waits for the GPU, so the host queues the next step while this one runs:
+        # batches come from pinned memory without blocking, the optimizer does not synchronize
+        # (without_syncs), and a non-finite loss is logged as such rather than tested every step.
+        dataloader_pin_memory=device.type == "cuda",
+        accelerator_config={"non_blocking": device.type == "cuda"},
+        logging_nan_inf_filter=False,
     )
 
 
