@@ -356,13 +356,15 @@ def run_side(side: str, config, args, device: torch.device) -> dict:
     weights_bytes = torch.cuda.memory_allocated() if cuda else None
     lora_params = sum(p.numel() for p in params)
     g = torch.Generator(device).manual_seed(1)
+    # Each batch with what the data collator adds to it for ours: the labelled positions, found off the GPU's path.
     batches = [
-        torch.randint(0, config.vocab_size, (batch, seq), device=device, generator=g)
-        for _ in range(1 if args.same_batch else args.warmup + args.steps)
+        (ids, find_labelled_positions(ids))
+        for ids in (
+            torch.randint(0, config.vocab_size, (batch, seq), device=device, generator=g)
+            for _ in range(1 if args.same_batch else args.warmup + args.steps)
+        )
     ]
     batches = batches * (args.warmup + args.steps) if args.same_batch else batches
-    # What the data collator adds to each batch for ours: the labelled positions, found off the GPU's path.
-    batches = [(ids, find_labelled_positions(ids)) for ids in batches]
 
     def train_step(ids, positions):
         # bf16 autocast on the GPU; the CPU dry run stays in fp32 (the CPU recipe's compute dtype).

@@ -49,9 +49,13 @@ class LabelledLogProbs:
 def find_labelled_positions(labels: torch.Tensor) -> torch.Tensor:
     """Flat indices ``b * seq + t`` of the positions whose next token ``labels[b, t + 1]`` is labelled, in
     row-major order. The data collator finds them on the CPU (see :func:`labelled_hidden`)."""
-    batch, seq = labels.shape
-    mask = labels[:, 1:] != IGNORE_INDEX
-    return torch.arange(batch * seq, device=labels.device).view(batch, seq)[:, :-1][mask]
+    return _positions(labels[:, 1:] != IGNORE_INDEX)
+
+
+def _positions(mask: torch.Tensor) -> torch.Tensor:
+    """The flat ``[batch, seq]`` indices of the True entries of a ``[batch, seq - 1]`` next-token mask."""
+    batch, seq = mask.shape[0], mask.shape[1] + 1
+    return torch.arange(batch * seq, device=mask.device).view(batch, seq)[:, :-1][mask]
 
 
 def labelled_hidden(
@@ -70,7 +74,7 @@ def labelled_hidden(
     A batch without attention mask and position ids makes no causal mask either (:func:`causal_only`).
     """
     mask = labels[:, 1:] != IGNORE_INDEX
-    rows = find_labelled_positions(labels) if labelled_positions is None else labelled_positions
+    rows = _positions(mask) if labelled_positions is None else labelled_positions
     unmasked = model_inputs.get("attention_mask") is None and model_inputs.get("position_ids") is None
     with causal_only(unmasked):
         hidden = lm.model(input_ids=input_ids, use_cache=False, **model_inputs).last_hidden_state

@@ -219,15 +219,14 @@ def _check_host_memory(recipe: Recipe, config, layers: int, dtype: torch.dtype, 
     log.info("offloaded checkpoints: up to %.1f GB of pinned CPU memory a step", need / 1e9)
     if available is None or need <= 0.9 * available:
         return
-    kept = [
-        name
+    kept = "".join(
+        f" and {name}"
         for name, keep in (
             ("attention outputs", not t.recompute_attention),
             ("projections", not t.recompute_projections),
         )
         if keep
-    ]
-    kept = " and " + " and ".join(kept) if kept else ""
+    )
     raise RecipeError(
         f"training.offload_activations: the checkpoints{kept} of {layers} layers need {need / 1e9:.3g} GB of CPU "
         f"memory at data.max_seq_len={recipe.data.max_seq_len} x training.batch_size={t.batch_size}"
