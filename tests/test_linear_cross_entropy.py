@@ -12,6 +12,9 @@ from qlora_kit.data import DataCollator
 from qlora_kit.model.sft import SFTModel, causal_lm_loss
 from qlora_kit.modules.linear_cross_entropy import linear_nll_sum
 
+# The Triton kernel's tests: on the GPU where there is one, else in Triton's interpreter on the CPU.
+KERNEL_DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
 
 def _head(d: int = 16, vocab: int = 50, seed: int = 0) -> nn.Linear:
     torch.manual_seed(seed)
@@ -121,3 +124,51 @@ def test_collated_rows_train_as_the_rows_one_at_a_time(tiny_llama_config):
     torch.testing.assert_close(loss.detach(), reference.detach(), rtol=1e-12, atol=0)
     for g, r in zip(batch_grads, grads(), strict=True):
         torch.testing.assert_close(g, r, rtol=1e-9, atol=1e-12)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_triton_kernel_loss_and_gradient_equal_float64(dtype):
+    """The kernel's rows (a vocabulary of two ragged tiles; an extreme logit row) against float64 log-softmax."""
+    pytest.importorskip("triton", reason="triton is not installed: the kernel cannot run here")
+    from qlora_kit.kernels._triton import available
+    from qlora_kit.kernels.cross_entropy import cross_entropy_rows_
+
+    if not available():
+        pytest.skip("the Triton kernels need CUDA or TRITON_INTERPRET=1")
+    g = torch.Generator().manual_seed(0)
+    logits = (4 * torch.randn(5, 5000, generator=g)).to(KERNEL_DEVICE, dtype)
+    logits[1, 17] = 80.0  # the max far above the rest: the online rescaling must not overflow
+    targets = torch.tensor([0, 17, 4999, 4096, 1234], device=KERNEL_DEVICE)
+    exact = logits.double().log_softmax(-1)
+    expected_loss = -exact[torch.arange(5, device=KERNEL_DEVICE), targets]
+    expected_grad = exact.exp()
+    expected_grad[torch.arange(5, device=KERNEL_DEVICE), targets] -= 1
+
+    loss = cross_entropy_rows_(logits, targets, grad=True)
+    torch.testing.assert_close(loss.double(), expected_loss, rtol=1e-5, atol=1e-5)
+    # One rounding to the logits' dtype (bf16), or fp32's logsumexp error carried through the exp (fp32).
+    torch.testing.assert_close(logits.double(), expected_grad, rtol=max(torch.finfo(dtype).eps, 1e-5), atol=1e-7)
+    untouched = (4 * torch.randn(5, 5000, generator=g)).to(KERNEL_DEVICE, dtype)
+    kept = untouched.clone()
+    cross_entropy_rows_(untouched, targets, grad=False)
+    assert torch.equal(untouched, kept)
+
+
+def test_triton_path_of_linear_nll_sum_equals_float64_autograd():
+    """linear_nll_sum with the kernel (fp32 lm_head) against float64 autograd of cross_entropy, chunks ragged."""
+    pytest.importorskip("triton", reason="triton is not installed: the kernel cannot run here")
+    from qlora_kit.kernels._triton import available
+
+    if not available():
+        pytest.skip("the Triton kernels need CUDA or TRITON_INTERPRET=1")
+    torch.manual_seed(0)
+    head = nn.Linear(16, 300, bias=False, device=KERNEL_DEVICE).requires_grad_(False)
+    hidden = torch.randn(11, 16, device=KERNEL_DEVICE, requires_grad=True)
+    targets = torch.randint(0, 300, (11,), device=KERNEL_DEVICE)
+    loss = linear_nll_sum(hidden, head, targets, 4, kernel="triton")
+    (grad,) = torch.autograd.grad(2.0 * loss, hidden)
+    h64 = hidden.detach().double().requires_grad_(True)
+    reference = F.cross_entropy(h64 @ head.weight.double().t(), targets, reduction="sum")
+    (reference_grad,) = torch.autograd.grad(2.0 * reference, h64)
+    torch.testing.assert_close(loss.double(), reference, rtol=1e-5, atol=0)
+    torch.testing.assert_close(grad.double(), reference_grad, rtol=1e-4, atol=1e-5)

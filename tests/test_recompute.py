@@ -18,7 +18,9 @@ def _step(built, ids, monkeypatch):
     ran = []
     original = nf4_linear.base_matmul
     for module in (lora, nf4_linear):
-        monkeypatch.setattr(module, "base_matmul", lambda x, base: ran.append(names[base]) or original(x, base))
+        monkeypatch.setattr(
+            module, "base_matmul", lambda x, base, **kw: ran.append(names[base]) or original(x, base, **kw)
+        )
     built.model.zero_grad(set_to_none=True)
     loss = built.model(input_ids=ids, labels=ids)["loss"]
     loss.backward()

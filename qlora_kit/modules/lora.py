@@ -93,10 +93,10 @@ class NF4LoRALinear(LoRALinear):
 class _LoRANF4MatMul(torch.autograd.Function):
     """y = x @ W^T + scale * (x @ A^T) @ B^T for a frozen NF4 weight W, in two GEMMs and a rank-r one.
 
-    The low-rank product is accumulated into the base GEMM's output in place (addmm with
-    beta=1) instead of as separate scale and add passes over [tokens, out]; backward does
-    the same for grad_x. Saved: x and t = x @ A^T (what plain LoRA's autograd saves too),
-    A and B in x's dtype; the NF4 weight stays packed on ``ctx`` and is dequantized again in backward.
+    The base GEMM adds its product to the low-rank one in its epilogue (addmm with beta=1) instead
+    of separate scale and add passes over [tokens, out]; backward does the same for grad_x
+    (:func:`~qlora_kit.modules.nf4_linear.base_matmul`'s ``plus``). Saved: x and t = x @ A^T (what
+    plain LoRA's autograd saves too), A and B in x's dtype; the NF4 weight stays packed on ``ctx`` and is dequantized again in backward.
     With ``base.fp8`` the two base GEMMs run in e4m3 (:func:`~qlora_kit.modules.nf4_linear.base_matmul`).
     ``unread``: y is left uncomputed (a recompute that only needs the graph); ``kept``: y as the
     forward computed it, given back to a recompute. In both, t and the backward are the same.
@@ -122,8 +122,7 @@ class _LoRANF4MatMul(torch.autograd.Function):
             y = x2.new_empty(x2.shape[0], base.out_features)
         else:
             # x itself, not x2: the FP8 path recognises the same tensor coming to q, k and v.
-            y = base_matmul(x, base).view(-1, base.out_features)
-            y.addmm_(t, b.t(), alpha=scaling)
+            y = base_matmul(x, base, plus=(t, b.t(), scaling)).view(-1, base.out_features)
         ctx.base, ctx.scaling, ctx.adapter_dtype = base, scaling, lora_a.dtype
         # A and B as cast for the forward: backward does not cast them again.
         ctx.save_for_backward(x, t, a, b)
@@ -136,8 +135,7 @@ class _LoRANF4MatMul(torch.autograd.Function):
         x2 = x.reshape(-1, x.shape[-1])
         a, b = a.to(g.dtype), b.to(g.dtype)
         gb = g @ b  # [tokens, r]
-        grad_x = base_matmul_grad_input(g, ctx.base)
-        grad_x.addmm_(gb, a, alpha=ctx.scaling)
+        grad_x = base_matmul_grad_input(g, ctx.base, plus=(gb, a, ctx.scaling))
         grad_a = (gb.t() @ x2).mul_(ctx.scaling)
         grad_b = (g.t() @ t.to(g.dtype)).mul_(ctx.scaling)
         dtype = ctx.adapter_dtype

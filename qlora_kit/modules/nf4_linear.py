@@ -19,20 +19,49 @@ NF4_STORAGE = ("weight_packed", "weight_absmax_q", "weight_nested_absmax", "weig
 QUANT_STORAGE_DTYPES = (torch.uint8, torch.int8, torch.float16, torch.bfloat16, torch.float32)
 
 
-def base_matmul(x: torch.Tensor, base: NF4Linear) -> torch.Tensor:
+# A low-rank term ``alpha * u @ v`` a base GEMM adds to its product: LoRA's (t, B^T, scale) forward, (g B, A, scale) back.
+LowRank = tuple[torch.Tensor, torch.Tensor, float]
+
+
+def base_matmul(x: torch.Tensor, base: NF4Linear, plus: LowRank | None = None) -> torch.Tensor:
     """``x @ W^T`` for ``x`` ``[..., K]`` and the frozen NF4 weight of ``base``: in x's dtype, or in e4m3
-    (``base.fp8``; with ``base.fp8_forward`` off only inside a backward pass: a checkpoint's recompute)."""
+    (``base.fp8``; with ``base.fp8_forward`` off only inside a backward pass: a checkpoint's recompute).
+    ``plus`` ``(u, v, alpha)``: ``+ alpha * u @ v`` for ``u`` ``[x's rows, r]``, the result ``[rows, N]``."""
     if base.fp8 and (base.fp8_forward or in_backward()):
-        return fp8.linear(x, *base.fp8_weight())
-    return x @ base.dequantized_weight(x.dtype).t()
+        return _plus(fp8.linear(x, *base.fp8_weight()), plus)
+    if plus is None:
+        return x @ base.dequantized_weight(x.dtype).t()
+    return _plus_then(plus, x.reshape(-1, x.shape[-1]), base.dequantized_weight(x.dtype).t())
 
 
-def base_matmul_grad_input(grad_out: torch.Tensor, base: NF4Linear) -> torch.Tensor:
-    """``grad_out @ W``: the gradient of :func:`base_matmul` to its input, the weight dequantized again."""
+def base_matmul_grad_input(grad_out: torch.Tensor, base: NF4Linear, plus: LowRank | None = None) -> torch.Tensor:
+    """``grad_out @ W`` (``grad_out`` ``[rows, N]``): the gradient of :func:`base_matmul` to its input, the weight
+    dequantized again; ``plus`` as there."""
     if base.fp8:
         fp8.release_activation()
-        return fp8.linear_grad_input(grad_out, *base.fp8_weight(transposed=True))
-    return grad_out @ base.dequantized_weight(grad_out.dtype)
+        return _plus(fp8.linear_grad_input(grad_out, *base.fp8_weight(transposed=True)), plus)
+    if plus is None:
+        return grad_out @ base.dequantized_weight(grad_out.dtype)
+    return _plus_then(plus, grad_out, base.dequantized_weight(grad_out.dtype))
+
+
+def _plus(y: torch.Tensor, plus: LowRank | None) -> torch.Tensor:
+    """``y + alpha * u @ v`` in place of y (an FP8 GEMM's output, which cannot start from a given one)."""
+    if plus is None:
+        return y
+    u, v, alpha = plus
+    return y.view(-1, y.shape[-1]).addmm_(u, v, alpha=alpha)
+
+
+def _plus_then(plus: LowRank, x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    """``alpha * u @ v + x @ w``: the rank-r product first, then the large GEMM adds its own into it (beta=1,
+    in its epilogue), so no pass over ``[rows, N]`` runs after it (an addmm of rank r would read and write it)."""
+    u, v, alpha = plus
+    return (
+        torch.empty(u.shape[0], v.shape[1], dtype=x.dtype, device=x.device)
+        .addmm_(u, v, beta=0, alpha=alpha)
+        .addmm_(x, w)
+    )
 
 
 class _NF4MatMul(torch.autograd.Function):
