@@ -124,13 +124,17 @@ class TrainingSection:
     fp8_base_matmul: Any = False
     # Memory levers for models near the GPU's size (see qlora_kit/model/offload.py, pipelines/optim.py).
     optimizer_in_backward: bool = False
-    offload_activations: bool = False
+    # true: the checkpoints' layer inputs wait in CPU memory (qlora_kit/model/offload.py). "auto": true, with
+    # recompute_attention and recompute_projections false, for SFT on one CUDA GPU when half the host's
+    # available memory holds it all (the fastest and leanest setting measured, docs/performance.md); else false.
+    # The three are Any + _RANGES (bool or "auto"), as mlp_chunk_tokens.
+    offload_activations: Any = "auto"
     # false (with offload_activations): the attention output and logsumexp are kept in CPU memory with the
     # checkpoint and the recompute skips attention (qlora_kit/modules/flash_attention.py): long context.
-    recompute_attention: bool = True
+    recompute_attention: Any = "auto"
     # false (with offload_activations): the q, k, v and o projections' outputs too; the recompute skips their
     # GEMMs (qlora_kit/modules/kept.py).
-    recompute_projections: bool = True
+    recompute_projections: Any = "auto"
     offload_embeddings: bool = False
     # With optimizer_in_backward: LoRA weights in CPU memory, on the GPU (bf16) only while their layer runs.
     offload_adapters: bool = False
@@ -288,6 +292,10 @@ _RANGES: dict[str, tuple[Callable[[Any], bool], str]] = {
     "training.fp8_base_matmul": (
         lambda v: isinstance(v, bool) or v == "backward",
         "true, false, or 'backward' (only the backward pass: recompute and input gradients)",
+    ),
+    **dict.fromkeys(
+        ("training.offload_activations", "training.recompute_attention", "training.recompute_projections"),
+        (lambda v: isinstance(v, bool) or v == "auto", "true, false, or 'auto'"),
     ),
     "training.mlp_chunk_tokens": (
         lambda v: v == "auto" or (isinstance(v, int) and not isinstance(v, bool) and v >= 0),
@@ -554,28 +562,28 @@ def _validate(recipe: Recipe, where: Callable[[str], str]) -> None:
             f"{where('training.offload_adapters')}: training.offload_adapters steps each layer's "
             "adapters while they are on the GPU, inside backward: set training.optimizer_in_backward=true"
         )
-    if t.offload_activations and not t.gradient_checkpointing:
+    if t.offload_activations is True and not t.gradient_checkpointing:
         raise RecipeError(
             f"{where('training.offload_activations')}: training.offload_activations offloads the "
             "checkpoints of gradient checkpointing: set training.gradient_checkpointing=true"
         )
-    if not t.recompute_attention and not t.offload_activations:
+    if t.recompute_attention is False and t.offload_activations is not True:
         raise RecipeError(
             f"{where('training.recompute_attention')}: training.recompute_attention=false keeps the attention "
             "output with the offloaded checkpoint: set training.offload_activations=true"
         )
-    if not t.recompute_projections and not t.offload_activations:
+    if t.recompute_projections is False and t.offload_activations is not True:
         raise RecipeError(
             f"{where('training.recompute_projections')}: training.recompute_projections=false keeps the "
             "projections' outputs with the offloaded checkpoint: set training.offload_activations=true"
         )
-    if not t.recompute_attention and recipe.model.attn_implementation != "sdpa":
+    if t.recompute_attention is False and recipe.model.attn_implementation != "sdpa":
         raise RecipeError(
             f"{where('training.recompute_attention')}: training.recompute_attention: false keeps the output of "
             f"sdpa attention, not {recipe.model.attn_implementation!r} (model.attn_implementation): set "
             "model.attn_implementation=sdpa or training.recompute_attention=true"
         )
-    if not t.recompute_attention and t.fp8_base_matmul == "backward":
+    if t.recompute_attention is False and t.fp8_base_matmul == "backward":
         raise RecipeError(
             f"{where('training.recompute_attention')}: training.recompute_attention=false reuses the forward's "
             "attention output with the recomputed q, k and v, which fp8_base_matmul=backward recomputes in e4m3, "

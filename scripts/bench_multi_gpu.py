@@ -225,7 +225,7 @@ def print_report(results: dict, args) -> None:
         tokens = world * args.seq * r0["batch"] / step
         print(
             f"\nFSDP: {r0['shape']} ({r0['layers']} layers), batch {r0['batch']} per GPU, {r0['optimizer']}"
-            f"{', activations offloaded' if args.offload_activations else ''}, built and sharded in {r0['build_s']:.1f} s"
+            f"{', activations offloaded' if args.offload_activations is True else ''}, built and sharded in {r0['build_s']:.1f} s"
         )
         print(
             f"{'GPU':5}{'NF4 GiB held':>14}{'of GiB':>8}{'share':>7}{'after build GiB':>17}{'peak GiB':>10}"

@@ -67,7 +67,8 @@ from qlora_kit.model.build import SHAPES, llama_config
 
 # Our sides: recipe overrides on top of recipes/bench.yaml and the command line's.
 OURS = {
-    "ours": [],
+    "ours": [],  # the defaults: on one CUDA GPU, offload_activations auto picks ours-ckpt-offload-kept's setting
+    "ours-gpu-checkpoints": ["training.offload_activations=false"],
     "ours-offload": ["training.offload_activations=true", "training.offload_embeddings=true"],
     "ours-ckpt-offload": ["training.offload_activations=true"],
     "ours-ckpt-offload-attn": ["training.offload_activations=true", "training.recompute_attention=false"],

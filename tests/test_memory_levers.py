@@ -254,3 +254,46 @@ def test_offloaded_checkpoints_beyond_the_host_memory_are_a_recipe_error(
         with pytest.raises(RecipeError, match=message):
             built_model(tmp_path / keep, untied_model_dir, task_files, *overrides)
     assert offload.host_memory_available() > 10**8  # this machine's /proc/meminfo
+
+
+def test_offload_activations_auto_picks_the_kept_setting_where_it_applies(
+    tmp_path, untied_model_dir, task_files, built_model, make_recipe, monkeypatch, caplog
+):
+    """training.offload_activations: auto (the default), as the builder decides it for a built model: offloaded
+    with the attention and q/k/v/o outputs kept, for SFT on one CUDA GPU when half the host's available memory
+    holds them (checkpoint_host_bytes); the checkpoints on the GPU otherwise, the reason logged."""
+    from qlora_kit.model.offload import checkpoint_host_bytes
+    from qlora_kit.pipelines import builder
+
+    built = built_model(tmp_path, untied_model_dir, task_files)
+    # make_recipe's recipe: 8 rows of 64 tokens; its 2 layers checkpointed.
+    need = checkpoint_host_bytes(built.lm.config, 2, 8 * 64, torch.bfloat16, True, True)
+
+    def choice(*overrides, available=10 * need, processes=1, sharded=False, device="cuda"):
+        recipe = make_recipe(tmp_path / "r", untied_model_dir, task_files, *overrides)
+        monkeypatch.setattr(builder, "host_memory_available", lambda: available)
+        return builder.offload_choice(recipe, built.lm, torch.device(device), torch.bfloat16, processes, sharded)
+
+    assert choice() == (True, True, True)
+    assert choice(available=2 * need) == (True, True, True)
+    with caplog.at_level("INFO", logger=builder.log.name):
+        assert choice(available=2 * need - 2) == (False, False, False)
+        assert f"they need {need / 1e9:.3g} GB of pinned CPU memory" in caplog.text
+        assert choice(device="cpu") == (False, False, False)
+        assert "training on cpu, not CUDA" in caplog.text
+    assert choice(available=4 * need - 4, processes=2) == (False, False, False)  # two processes on one host
+    assert choice(available=None) == (False, False, False)
+    assert choice(sharded=True) == (False, False, False)
+    assert choice("training.recompute_attention=true") == (True, False, True)
+    assert choice("training.recompute_projections=true") == (True, True, False)
+    assert choice("qat.enabled=true") == (True, True, False)
+    assert choice("model.attn_implementation=eager") == (True, False, True)
+    assert choice("training.fp8_base_matmul=backward") == (True, False, False)
+    # Set explicitly: as set, whatever the host holds.
+    assert choice("training.offload_activations=false", available=None) == (False, False, False)
+    assert choice("training.offload_activations=true") == (True, False, False)
+    assert choice("training.offload_activations=true", "training.recompute_projections=false") == (True, False, True)
+    with pytest.raises(RecipeError, match="training.offload_activations.*must be true, false, or 'auto'"):
+        choice("training.offload_activations=maybe")
+    with pytest.raises(RecipeError, match="recompute_attention=false keeps .* set training.offload_activations=true"):
+        choice("training.recompute_attention=false")

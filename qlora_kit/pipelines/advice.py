@@ -28,8 +28,8 @@ def training_levers(recipe: Recipe) -> list[str]:
         levers.append("training.gradient_checkpointing=true")
     if t.gradient_checkpointing and t.uncheckpointed_layers > 0:
         levers.append(f"training.uncheckpointed_layers=0 (now {t.uncheckpointed_layers})")
-    if not t.offload_activations:
-        levers.append("training.offload_activations=true")
+    if t.offload_activations is not True:
+        levers.append(f"training.offload_activations=true (now {t.offload_activations})")
     if not t.offload_embeddings:
         levers.append("training.offload_embeddings=true")
     if not t.optimizer_in_backward:

@@ -25,7 +25,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from qlora_kit.compat import enable_checkpointing
+from qlora_kit.compat import checkpointed_layers, enable_checkpointing
 from qlora_kit.config import Recipe, RecipeError
 from qlora_kit.model.adapters import add_lora, peft_config
 from qlora_kit.model.build import build_random_quantized
@@ -153,14 +153,13 @@ def build_training_model(
             layer.gradient_checkpointing = False
         if t.fused_kernels:
             skip_unread_outputs(lm)
-        if t.offload_activations:
+        offload, keep_attention, keep_outputs = offload_choice(recipe, lm, device, compute_dtype, processes, sharded)
+        if offload:
             try:
-                layers = use_offloaded_checkpointing(
-                    lm, keep_attention=not t.recompute_attention, keep_outputs=not t.recompute_projections
-                )
+                layers = use_offloaded_checkpointing(lm, keep_attention, keep_outputs)
             except ValueError as e:  # e.g. uncheckpointed_layers covering every layer
                 raise RecipeError(f"training.offload_activations: {e}") from None
-            _check_host_memory(recipe, lm.config, layers, compute_dtype, processes)
+            _check_host_memory(recipe, lm.config, layers, compute_dtype, processes, keep_attention, keep_outputs)
     if t.offload_embeddings:
         try:
             offload_embeddings(lm)
@@ -187,7 +186,7 @@ def build_training_model(
 def _check(recipe: Recipe, processes: int, sharded: bool) -> None:
     """Recipe combinations that cannot work, refused before any weight is loaded."""
     t = recipe.training
-    if t.offload_activations and not t.gradient_checkpointing:
+    if t.offload_activations is True and not t.gradient_checkpointing:
         raise RecipeError("training.offload_activations needs training.gradient_checkpointing: true")
     if t.offload_embeddings and sharded:
         raise RecipeError(
@@ -206,26 +205,79 @@ def _check(recipe: Recipe, processes: int, sharded: bool) -> None:
         )
 
 
-def _check_host_memory(recipe: Recipe, config, layers: int, dtype: torch.dtype, processes: int) -> None:
+def offload_choice(
+    recipe: Recipe, lm: nn.Module, device: torch.device, dtype: torch.dtype, processes: int, sharded: bool
+) -> tuple[bool, bool, bool]:
+    """Whether the checkpoints are offloaded, and with them the attention outputs and the q/k/v/o outputs.
+
+    Set explicitly, as the recipe says. ``training.offload_activations: auto`` (the default): all three where
+    they were measured to be the fastest and leanest setting (docs/performance.md): SFT on one CUDA GPU, the
+    fused path, sdpa attention, and half the host's available memory holding them; else none of them.
+    """
+    t = recipe.training
+    if t.offload_activations != "auto":
+        return t.offload_activations, t.recompute_attention is False, t.recompute_projections is False
+    keep_attention = (
+        t.recompute_attention is not True
+        and recipe.model.attn_implementation == "sdpa"
+        and t.fp8_base_matmul != "backward"
+    )
+    keep_outputs = (
+        t.recompute_projections is not True
+        and t.fused_kernels
+        and not recipe.qat.enabled
+        and t.fp8_base_matmul != "backward"
+    )
+    layers = len(checkpointed_layers(lm))
+    need = _host_bytes(recipe, lm.config, layers, dtype, processes, keep_attention, keep_outputs)
+    available = host_memory_available()
+    why = None
+    if device.type != "cuda":
+        why = f"training on {device.type}, not CUDA"
+    elif t.method != "sft":
+        why = f"training.method {t.method}"
+    elif sharded:
+        why = "sharded over several GPUs"
+    elif not layers:
+        why = "no layer is checkpointed"
+    elif available is None or need > 0.5 * available:
+        held = "an unknown amount" if available is None else f"{available / 1e9:.3g} GB"
+        why = f"they need {need / 1e9:.3g} GB of pinned CPU memory, and the host has {held} available"
+    if why is not None:
+        log.info("training.offload_activations=auto: the checkpoints stay on the GPU (%s)", why)
+        return False, False, False
+    log.info(
+        "training.offload_activations=auto: the checkpoints%s%s of %d layers wait in CPU memory",
+        " with their attention outputs" if keep_attention else "",
+        " and q/k/v/o outputs" if keep_outputs else "",
+        layers,
+    )
+    return True, keep_attention, keep_outputs
+
+
+def _host_bytes(
+    recipe: Recipe, config, layers: int, dtype: torch.dtype, processes: int, keep_attention: bool, keep_outputs: bool
+) -> int:
+    """The pinned CPU memory the offloaded checkpoints of this host's processes hold at the longest batch."""
+    t = recipe.training
+    rows = t.batch_size * t.sequences_per_row
+    need = checkpoint_host_bytes(config, layers, rows * recipe.data.max_seq_len, dtype, keep_attention, keep_outputs)
+    return need * min(processes, int(os.environ.get("LOCAL_WORLD_SIZE", processes)))  # the processes on this host
+
+
+def _check_host_memory(
+    recipe: Recipe, config, layers: int, dtype: torch.dtype, processes: int, keep_attention: bool, keep_outputs: bool
+) -> None:
     """Refuse offloaded checkpoints the host's CPU memory cannot hold at the longest batch, before training:
     the alternative is the kernel killing the process mid-step (pinned memory cannot be swapped)."""
     t = recipe.training
-    rows = t.batch_size * t.sequences_per_row
-    need = checkpoint_host_bytes(
-        config, layers, rows * recipe.data.max_seq_len, dtype, not t.recompute_attention, not t.recompute_projections
-    )
-    need *= min(processes, int(os.environ.get("LOCAL_WORLD_SIZE", processes)))  # the processes sharing this host
+    need = _host_bytes(recipe, config, layers, dtype, processes, keep_attention, keep_outputs)
     available = host_memory_available()
     log.info("offloaded checkpoints: up to %.1f GB of pinned CPU memory a step", need / 1e9)
     if available is None or need <= 0.9 * available:
         return
     kept = "".join(
-        f" and {name}"
-        for name, keep in (
-            ("attention outputs", not t.recompute_attention),
-            ("projections", not t.recompute_projections),
-        )
-        if keep
+        f" and {name}" for name, keep in (("attention outputs", keep_attention), ("projections", keep_outputs)) if keep
     )
     raise RecipeError(
         f"training.offload_activations: the checkpoints{kept} of {layers} layers need {need / 1e9:.3g} GB of CPU "
