@@ -281,7 +281,7 @@ def test_offload_activations_auto_picks_the_kept_setting_where_it_applies(
         assert f"they need {need / 1e9:.3g} GB of pinned CPU memory" in caplog.text
         assert choice(device="cpu") == (False, False, False)
         assert "training on cpu, not CUDA" in caplog.text
-    assert choice(available=4 * need - 4, processes=2) == (False, False, False)  # two processes on one host
+    assert choice(processes=2) == (False, False, False)  # DDP: one GPU each, but not what auto was measured on
     assert choice(available=None) == (False, False, False)
     assert choice(sharded=True) == (False, False, False)
     assert choice("training.recompute_attention=true") == (True, False, True)

@@ -236,8 +236,8 @@ def offload_choice(
         why = f"training on {device.type}, not CUDA"
     elif t.method != "sft":
         why = f"training.method {t.method}"
-    elif sharded:
-        why = "sharded over several GPUs"
+    elif sharded or processes > 1:
+        why = f"{processes} processes{', sharded' if sharded else ''}: measured on one GPU only"
     elif not layers:
         why = "no layer is checkpointed"
     elif available is None or need > 0.5 * available:
