@@ -96,8 +96,8 @@ class _LoRANF4MatMul(torch.autograd.Function):
     The base GEMM adds its product to the low-rank one in its epilogue (addmm with beta=1) instead
     of separate scale and add passes over [tokens, out]; backward does the same for grad_x
     (:func:`~qlora_kit.modules.nf4_linear.base_matmul`'s ``plus``). Saved: x and t = x @ A^T (what
-    plain LoRA's autograd saves too), A and B in x's dtype; the NF4 weight stays packed on ``ctx`` and is dequantized again in backward.
-    With ``base.fp8`` the two base GEMMs run in e4m3 (:func:`~qlora_kit.modules.nf4_linear.base_matmul`).
+    plain LoRA's autograd saves too), A and B in x's dtype; the NF4 weight stays packed on ``ctx``
+    and is dequantized again in backward. With ``base.fp8`` the two base GEMMs run in e4m3 (:func:`~qlora_kit.modules.nf4_linear.base_matmul`).
     ``unread``: y is left uncomputed (a recompute that only needs the graph); ``kept``: y as the
     forward computed it, given back to a recompute. In both, t and the backward are the same.
     """

@@ -29,9 +29,8 @@ def base_matmul(x: torch.Tensor, base: NF4Linear, plus: LowRank | None = None) -
     ``plus`` ``(u, v, alpha)``: ``+ alpha * u @ v`` for ``u`` ``[x's rows, r]``, the result ``[rows, N]``."""
     if base.fp8 and (base.fp8_forward or in_backward()):
         return _plus(fp8.linear(x, *base.fp8_weight()), plus)
-    if plus is None:
-        return x @ base.dequantized_weight(x.dtype).t()
-    return _plus_then(plus, x.reshape(-1, x.shape[-1]), base.dequantized_weight(x.dtype).t())
+    w = base.dequantized_weight(x.dtype).t()
+    return x @ w if plus is None else _plus_then(plus, x.reshape(-1, x.shape[-1]), w)
 
 
 def base_matmul_grad_input(grad_out: torch.Tensor, base: NF4Linear, plus: LowRank | None = None) -> torch.Tensor:
@@ -40,9 +39,8 @@ def base_matmul_grad_input(grad_out: torch.Tensor, base: NF4Linear, plus: LowRan
     if base.fp8:
         fp8.release_activation()
         return _plus(fp8.linear_grad_input(grad_out, *base.fp8_weight(transposed=True)), plus)
-    if plus is None:
-        return grad_out @ base.dequantized_weight(grad_out.dtype)
-    return _plus_then(plus, grad_out, base.dequantized_weight(grad_out.dtype))
+    w = base.dequantized_weight(grad_out.dtype)
+    return grad_out @ w if plus is None else _plus_then(plus, grad_out, w)
 
 
 def _plus(y: torch.Tensor, plus: LowRank | None) -> torch.Tensor:

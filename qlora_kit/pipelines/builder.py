@@ -159,7 +159,8 @@ def build_training_model(
                 layers = use_offloaded_checkpointing(lm, keep_attention, keep_outputs)
             except ValueError as e:  # e.g. uncheckpointed_layers covering every layer
                 raise RecipeError(f"training.offload_activations: {e}") from None
-            _check_host_memory(recipe, lm.config, layers, compute_dtype, processes, keep_attention, keep_outputs)
+            if t.offload_activations is True:  # auto has checked the host's memory already
+                _check_host_memory(recipe, lm.config, layers, compute_dtype, processes, keep_attention, keep_outputs)
     if t.offload_embeddings:
         try:
             offload_embeddings(lm)
@@ -229,8 +230,6 @@ def offload_choice(
         and t.fp8_base_matmul != "backward"
     )
     layers = len(checkpointed_layers(lm))
-    need = _host_bytes(recipe, lm.config, layers, dtype, processes, keep_attention, keep_outputs)
-    available = host_memory_available()
     why = None
     if device.type != "cuda":
         why = f"training on {device.type}, not CUDA"
@@ -240,17 +239,21 @@ def offload_choice(
         why = f"{processes} processes{', sharded' if sharded else ''}: measured on one GPU only"
     elif not layers:
         why = "no layer is checkpointed"
-    elif available is None or need > 0.5 * available:
-        held = "an unknown amount" if available is None else f"{available / 1e9:.3g} GB"
-        why = f"they need {need / 1e9:.3g} GB of pinned CPU memory, and the host has {held} available"
+    else:
+        need = _host_bytes(recipe, lm.config, layers, dtype, processes, keep_attention, keep_outputs)
+        available = host_memory_available()
+        if available is None or need > 0.5 * available:
+            held = "an unknown amount" if available is None else f"{available / 1e9:.3g} GB"
+            why = f"they need {need / 1e9:.3g} GB of pinned CPU memory, and the host has {held} available"
     if why is not None:
         log.info("training.offload_activations=auto: the checkpoints stay on the GPU (%s)", why)
         return False, False, False
     log.info(
-        "training.offload_activations=auto: the checkpoints%s%s of %d layers wait in CPU memory",
+        "training.offload_activations=auto: the checkpoints%s%s of %d layers wait in CPU memory (up to %.1f GB a step)",
         " with their attention outputs" if keep_attention else "",
         " and q/k/v/o outputs" if keep_outputs else "",
         layers,
+        need / 1e9,
     )
     return True, keep_attention, keep_outputs
 
